@@ -1,0 +1,104 @@
+"""Checkpoint directories on disk: safetensors and JSON only, written atomically.
+
+A checkpoint is a directory. It is written under a temporary name and swapped into place with
+renames, so a crash at any moment leaves either the previous complete checkpoint or the new one,
+never a mixture. Pickle files are refused outright: nothing in a checkpoint is ever executed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+CONFIG_FILE, VOCAB_FILE, MODEL_FILE, ENCODER_FILE = "config.json", "vocab.json", "model.safetensors", "encoder.safetensors"
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".tar"}
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory; on success it replaces ``path`` in one swap."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+        for file in temporary.iterdir():
+            _fsync(file)
+        previous = path.parent / f".{path.name}.old-{os.getpid()}"
+        if path.exists():
+            os.rename(path, previous)  # from here until the next rename, recover() restores it
+        os.rename(temporary, path)
+        _fsync(path.parent)
+        shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def recover(path: str | Path) -> Path:
+    """Undo a swap interrupted between its two renames, then return ``path``."""
+    path = Path(path)
+    if not path.exists() and path.parent.is_dir():
+        leftovers = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if leftovers:
+            os.rename(leftovers[-1], path)
+    return path
+
+
+def _fsync(path: Path) -> None:
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def check_directory(path: str | Path) -> Path:
+    """A readable checkpoint directory holding no pickles, or :class:`CheckpointError`."""
+    path = recover(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{path}: refusing a checkpoint holding pickle files ({', '.join(pickles[:3])}); only safetensors "
+            "and JSON are loaded, since unpickling can run arbitrary code"
+        )
+    for name in (CONFIG_FILE, VOCAB_FILE, MODEL_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: not a captioner checkpoint ({name} is missing)")
+    return path
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable JSON ({exc})") from None
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None

@@ -1,0 +1,70 @@
+"""The Show-and-Tell LSTM decoder.
+
+The image feature vector is projected to the word-embedding size and fed to the LSTM as its first
+input; the words follow, starting with ``<start>``. Training uses teacher forcing over packed
+variable-length sequences (:meth:`Decoder.forward`); inference feeds each chosen word back through
+:meth:`Decoder.step`, the single step function every decoding strategy shares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .vocab import PAD_ID
+
+State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (num_layers, N, hidden_size)
+
+
+@dataclass
+class DecoderConfig:
+    feature_size: int
+    vocab_size: int
+    embed_size: int = 512
+    hidden_size: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.image_projection = nn.Sequential(nn.Linear(config.feature_size, config.embed_size), nn.LayerNorm(config.embed_size))
+        self.embedding = nn.Embedding(config.vocab_size, config.embed_size, padding_idx=PAD_ID)
+        self.lstm = nn.LSTM(config.embed_size, config.hidden_size, config.num_layers, batch_first=True,
+                            dropout=config.dropout if config.num_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(config.dropout)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def image_input(self, features: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.image_projection(self.dropout(features)))
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits for ``tokens[:, 1:]``.
+
+        ``tokens`` is ``<start> w1 .. wn <end> <pad>..`` with ``lengths`` counting ``<start>`` and
+        ``<end>``. The LSTM reads ``[image, <start>, w1 .. wn]``; output ``t`` predicts token ``t``.
+        Returns ``(B, T - 1, vocab_size)``; positions past a caption's end are padding.
+        """
+        inputs = torch.cat([self.image_input(features).unsqueeze(1), self.dropout(self.embedding(tokens[:, :-1]))], 1)
+        packed = pack_padded_sequence(inputs, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        hidden, _ = self.lstm(packed)
+        hidden, _ = pad_packed_sequence(hidden, batch_first=True, total_length=tokens.size(1))
+        return self.output(self.dropout(hidden[:, 1:]))
+
+    def init_state(self, features: torch.Tensor) -> State:
+        """Run the image through the LSTM: the state from which ``<start>`` is read."""
+        _, state = self.lstm(self.image_input(features).unsqueeze(1))
+        return state
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One decoding step: previous tokens ``(N,)`` -> next-token logits ``(N, vocab_size)``."""
+        hidden, state = self.lstm(self.dropout(self.embedding(tokens)).unsqueeze(1), state)
+        return self.output(self.dropout(hidden[:, 0])), state

@@ -1,0 +1,248 @@
+"""Turning decoder outputs into captions: greedy, sampling and beam search, all batched.
+
+Every strategy advances all images (and all beams or samples) together, one tensor operation per
+step, through :meth:`Decoder.step`. Finished hypotheses stay in place and only extend with
+``<pad>`` at log-probability 0, so no per-image Python bookkeeping is needed.
+
+Scores: ``log_prob`` is always the model's own log-likelihood of the words plus ``<end>`` (the
+log-softmax of the unmodified logits), whatever masks, temperature or filters steered the search;
+``score`` is what beams are ranked by, ``log_prob / length ** length_penalty`` (length counts the
+words plus ``<end>``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .decoder import Decoder
+from .errors import ConfigError
+from .vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
+
+STRATEGIES = ("beam", "greedy", "sample")
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding options; the same names are API keywords, CLI flags and app controls."""
+
+    strategy: str = "beam"
+    beam_size: int = 3
+    num_return_sequences: int = 1
+    max_length: int = 20  # words, not counting <end>; <end> is forced after this many
+    min_length: int = 1
+    length_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    suppress_unk: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def updated(self, **options) -> "GenerationConfig":
+        """A copy with ``options`` applied (``None`` values keep the current setting), validated."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown decoding option(s): {', '.join(unknown)}")
+        config = replace(self, **{k: v for k, v in options.items() if v is not None})
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        checks = [
+            (self.beam_size >= 1, "beam_size must be at least 1"),
+            (self.num_return_sequences >= 1, "num_return_sequences must be at least 1"),
+            (self.strategy != "beam" or self.num_return_sequences <= self.beam_size,
+             "num_return_sequences cannot exceed beam_size"),
+            (self.strategy != "greedy" or self.num_return_sequences == 1,
+             "greedy decoding returns one caption; use beam or sample for several"),
+            (self.max_length >= 1, "max_length must be at least 1"),
+            (0 <= self.min_length <= self.max_length, "min_length must be between 0 and max_length"),
+            (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be 0 (off) or more"),
+            (self.temperature > 0, "temperature must be positive"),
+            (self.top_k >= 0, "top_k must be 0 (off) or more"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Caption:
+    """One generated caption with the model's confidence in it."""
+
+    text: str
+    tokens: list[str]
+    log_prob: float
+    token_log_probs: list[float] = field(default_factory=list)  # one per token, then one for <end>
+    score: float = 0.0
+
+    @property
+    def probability(self) -> float:
+        return float(torch.tensor(self.log_prob).exp())
+
+
+class Hypotheses(NamedTuple):
+    tokens: torch.Tensor  # (B, n, T) ids, <end> then <pad> after the caption
+    token_log_probs: torch.Tensor  # (B, n, T), 0 after <end>
+    scores: torch.Tensor  # (B, n) ranking scores, best first
+
+
+@torch.inference_mode()
+def generate(decoder: Decoder, features: torch.Tensor, config: GenerationConfig) -> Hypotheses:
+    """Decode a batch of image features with ``config``'s strategy."""
+    config.validate()
+    if config.strategy == "beam":
+        return beam_search(decoder, features, config)
+    return sample_or_greedy(decoder, features, config)
+
+
+def to_captions(hypotheses: Hypotheses, vocab: Vocabulary) -> list[list[Caption]]:
+    results = []
+    for tokens, log_probs, scores in zip(*(t.cpu() for t in hypotheses)):
+        row = []
+        for ids, lps, score in zip(tokens.tolist(), log_probs.tolist(), scores.tolist()):
+            length = ids.index(END_ID) + 1 if END_ID in ids else len(ids)
+            words = vocab.tokens(ids[:length])
+            row.append(Caption(vocab.decode(ids[:length]), words, float(sum(lps[:length])), lps[:length], score))
+        results.append(row)
+    return results
+
+
+def constrain(log_probs: torch.Tensor, history: torch.Tensor, step: int, config: GenerationConfig) -> torch.Tensor:
+    """Mask (in place) tokens the options forbid at ``step`` (words generated so far)."""
+    log_probs[:, PAD_ID] = log_probs[:, START_ID] = float("-inf")
+    if config.suppress_unk:
+        log_probs[:, UNK_ID] = float("-inf")
+    if step < config.min_length:
+        log_probs[:, END_ID] = float("-inf")
+    if step >= config.max_length:
+        end = log_probs[:, END_ID].clone()
+        log_probs.fill_(float("-inf"))
+        log_probs[:, END_ID] = torch.where(torch.isinf(end), torch.zeros_like(end), end)
+    n = config.no_repeat_ngram_size
+    if n and history.size(1) >= n:
+        windows = history.unfold(1, n, 1)  # (N, W, n): every n-gram generated so far
+        prefix = history[:, history.size(1) - n + 1:] if n > 1 else history[:, :0]
+        matches = (windows[:, :, :-1] == prefix.unsqueeze(1)).all(-1) & (windows[:, :, -1] > END_ID)
+        banned = torch.zeros_like(log_probs).scatter_add_(1, windows[:, :, -1], matches.to(log_probs.dtype))
+        log_probs.masked_fill_(banned > 0, float("-inf"))
+    return log_probs
+
+
+def sample_or_greedy(decoder: Decoder, features: torch.Tensor, config: GenerationConfig) -> Hypotheses:
+    """Greedy (argmax) or sampling (temperature, top-k, top-p) decoding, ``n`` samples per image."""
+    batch = features.size(0)
+    n = config.num_return_sequences
+    features = features.repeat_interleave(n, 0)
+    generator = None
+    if config.strategy == "sample" and config.seed is not None:
+        generator = torch.Generator(device=features.device).manual_seed(config.seed)
+    state = decoder.init_state(features)
+    tokens = torch.full((features.size(0),), START_ID, dtype=torch.long, device=features.device)
+    done = torch.zeros_like(tokens, dtype=torch.bool)
+    history, chosen_lps = [], []
+    for step in range(config.max_length + 1):
+        logits, state = decoder.step(tokens, state)
+        log_probs = F.log_softmax(logits.float(), -1)
+        allowed = constrain(log_probs.clone(), _stack(history, tokens), step, config)
+        if config.strategy == "greedy":
+            tokens = allowed.argmax(-1)
+        else:
+            tokens = _sample(logits.float() / config.temperature, allowed, config, generator)
+        token_lp = log_probs.gather(1, tokens[:, None])[:, 0]
+        tokens = tokens.masked_fill(done, PAD_ID)
+        history.append(tokens)
+        chosen_lps.append(token_lp.masked_fill(done, 0.0))
+        done = done | (tokens == END_ID)
+        if done.all():
+            break
+    ids, lps = torch.stack(history, 1), torch.stack(chosen_lps, 1)
+    lengths = (ids != PAD_ID).sum(1)
+    scores = lps.sum(1) / lengths.float().pow(config.length_penalty)
+    scores, order = scores.view(batch, n).sort(1, descending=True)
+    pick = lambda t: t.view(batch, n, -1).gather(1, order[:, :, None].expand(-1, -1, t.size(1)))
+    return Hypotheses(pick(ids), pick(lps), scores)
+
+
+def _stack(history: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.stack(history, 1) if history else like.new_empty((like.size(0), 0))
+
+
+def _sample(logits: torch.Tensor, allowed: torch.Tensor, config: GenerationConfig, generator) -> torch.Tensor:
+    logits = logits.masked_fill(torch.isinf(allowed), float("-inf"))
+    if config.top_k:
+        kth = logits.topk(min(config.top_k, logits.size(-1)), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= config.top_p  # keep the token crossing p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def beam_search(decoder: Decoder, features: torch.Tensor, config: GenerationConfig) -> Hypotheses:
+    """Batched beam search: all images x all beams advance as one tensor per step.
+
+    Candidates are ranked by ``log_prob / length ** length_penalty``; a finished beam keeps its
+    slot and competes with its final score. With ``beam_size=1`` this is exactly greedy decoding.
+    """
+    batch, beams, device = features.size(0), config.beam_size, features.device
+    rows = batch * beams
+    h, c = decoder.init_state(features)
+    state = (h.repeat_interleave(beams, 1), c.repeat_interleave(beams, 1))
+    totals = torch.full((batch, beams), float("-inf"), device=device)
+    totals[:, 0] = 0.0  # identical beams at the start: only one is live
+    totals = totals.view(-1)
+    tokens = torch.full((rows,), START_ID, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    lengths = torch.zeros(rows, device=device)
+    history = torch.empty((rows, 0), dtype=torch.long, device=device)
+    history_lps = torch.empty((rows, 0), device=device)
+    offsets = (torch.arange(batch, device=device) * beams)[:, None]
+    for step in range(config.max_length + 1):
+        logits, state = decoder.step(tokens, state)
+        log_probs = F.log_softmax(logits.float(), -1)
+        candidates = constrain(log_probs.clone(), history, step, config)
+        candidates[done] = float("-inf")
+        candidates[done, PAD_ID] = 0.0
+        new_totals = totals[:, None] + candidates  # (rows, V)
+        new_lengths = lengths + (~done).float()
+        ranking = new_totals / new_lengths.clamp(min=1).pow(config.length_penalty)[:, None]
+        top = ranking.view(batch, -1).topk(beams, 1).indices  # (B, K) over K*V candidates
+        source = (offsets + top // candidates.size(1)).view(-1)
+        tokens = (top % candidates.size(1)).view(-1)
+        totals = new_totals.view(batch, -1).gather(1, top).view(-1)
+        token_lp = log_probs[source, tokens].masked_fill(done[source], 0.0)
+        state = (state[0][:, source], state[1][:, source])
+        history = torch.cat([history[source], tokens[:, None]], 1)
+        history_lps = torch.cat([history_lps[source], token_lp[:, None]], 1)
+        lengths, done = new_lengths[source], done[source] | (tokens == END_ID)
+        if done.all():
+            break
+    scores = (totals / lengths.pow(config.length_penalty)).view(batch, beams)
+    scores, order = scores.sort(1, descending=True)
+    n = config.num_return_sequences
+    order, scores = order[:, :n], scores[:, :n]
+    pick = lambda t: t.view(batch, beams, -1).gather(1, order[:, :, None].expand(-1, -1, t.size(1)))
+    return Hypotheses(pick(history), pick(history_lps), scores)
+
+
+def sequence_log_probs(decoder: Decoder, features: torch.Tensor, tokens: torch.Tensor,
+                       lengths: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced log-likelihood of each caption (words plus ``<end>``): ``(B,)``."""
+    logits = decoder(features, tokens, lengths)
+    log_probs = F.log_softmax(logits.float(), -1).gather(2, tokens[:, 1:, None])[:, :, 0]
+    mask = tokens[:, 1:] != PAD_ID
+    return (log_probs * mask).sum(1)

@@ -1,0 +1,29 @@
+"""Project exceptions: user mistakes surface as one-line messages, never tracebacks.
+
+All are ``ValueError`` subclasses so callers that already guard against bad values keep working;
+the CLI prints ``error: <message>`` and exits with status 2.
+"""
+
+
+class CaptionerError(ValueError):
+    """Base class for every error caused by the caller's input rather than a bug."""
+
+
+class ImageError(CaptionerError):
+    """An image could not be read: missing, empty, not an image, truncated or too large."""
+
+
+class DataError(CaptionerError):
+    """An annotation file is malformed or points to images that do not exist."""
+
+
+class CheckpointError(CaptionerError):
+    """A checkpoint directory is missing, incomplete, unsafe (pickles) or inconsistent."""
+
+
+class WeightsError(CaptionerError):
+    """No encoder weights could be found; the message lists every remedy."""
+
+
+class ConfigError(CaptionerError):
+    """A configuration value or config file is invalid."""

@@ -1,0 +1,33 @@
+"""``captioner evaluate``: caption every image of a split and score it with the coco-caption metrics."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from .data import load_captions
+from .metrics import ALL_METRICS, score_captions
+from .model import Captioner
+
+
+def evaluate(images: str | os.PathLike, captions: str | os.PathLike, model: Captioner | str | None = None,
+             split: str = "test", device: str = "auto", batch_size: int = 32, metrics=ALL_METRICS,
+             **options) -> dict:
+    """Return ``{"metrics": {...}, "predictions": [{"image_id", "caption"}]}`` for one split.
+
+    ``model`` is a loaded :class:`Captioner`, a checkpoint directory, or ``None`` for the bundled
+    model; ``options`` are decoding options (``beam_size=5``...).
+    """
+    if not isinstance(model, Captioner):
+        model = Captioner.from_pretrained(model, device=device)
+    records, _ = load_captions(captions, images, split)
+    started = time.perf_counter()
+    features = model.encode([r.path for r in records])
+    generated = model.generate(features, batch_size=batch_size, **options)
+    seconds = time.perf_counter() - started
+    predictions = {i: result[0].text for i, result in enumerate(generated)}
+    scores = score_captions(predictions, {i: r.captions for i, r in enumerate(records)}, metrics)
+    scores["images"] = len(records)
+    scores["seconds"] = round(seconds, 1)
+    return {"metrics": scores,
+            "predictions": [{"image_id": r.image_id, "caption": predictions[i]} for i, r in enumerate(records)]}

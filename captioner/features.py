@@ -1,0 +1,114 @@
+"""Encode each image once: feature extraction and its on-disk cache.
+
+Training the decoder from cached features makes an epoch cost only the LSTM. The cache is one
+safetensors file per encoder configuration, named by a hash of the backbone, its weights id and
+its preprocessing; inside, rows are indexed by a hash of each image file's bytes. So a change of
+encoder, weights or preprocessing uses another file, and an edited image is simply re-encoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .checkpoint import load_tensors, save_tensors
+from .encoder import Encoder
+from .images import load_image
+
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "captioner" / "features"
+
+
+def cache_key(encoder: Encoder) -> str:
+    """Hash of everything that changes an image's feature vector, except the image itself.
+
+    Pretrained weights are identified by their torchvision id or file hash; other weights (random,
+    fine-tuned) by a digest of the parameters themselves.
+    """
+    config = encoder.config
+    weights = config.weights
+    if not (weights.count("_Weights.") or weights.startswith("file:")):
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in sorted(encoder.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        weights = f"{weights}:{digest.hexdigest()}"
+    identity = {"format": CACHE_FORMAT, "name": config.name, "weights": weights,
+                "preprocessing": config.to_dict()["preprocessing"]}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: Sequence[Path], encoder: Encoder):
+        self.paths, self.preprocess = list(paths), encoder.preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.preprocess(load_image(self.paths[index]))
+
+
+@torch.inference_mode()
+def extract_features(encoder: Encoder, paths: Sequence[str | Path], batch_size: int = 32, num_workers: int = 0,
+                     device: str | torch.device = "cpu", progress: bool = True) -> torch.Tensor:
+    """Run the encoder over image files: ``(len(paths), feature_size)`` float32 on the CPU."""
+    encoder = encoder.to(device).eval()
+    loader = DataLoader(_ImageFiles(paths, encoder), batch_size=batch_size, num_workers=num_workers)
+    chunks = [encoder(pixels.to(device)).float().cpu()
+              for pixels in tqdm(loader, desc="encoding images", unit="batch", disable=not progress)]
+    return torch.cat(chunks) if chunks else torch.empty((0, encoder.config.feature_size))
+
+
+class FeatureCache:
+    """Features of image files for one encoder configuration, stored under ``directory``."""
+
+    def __init__(self, directory: str | Path, encoder: Encoder):
+        self.encoder = encoder
+        self.path = Path(directory) / f"{encoder.config.name}-{cache_key(encoder)}.safetensors"
+
+    def _read(self) -> tuple[list[str], torch.Tensor | None]:
+        if not self.path.is_file():
+            return [], None
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), "pt") as handle:
+            digests = json.loads(handle.metadata()["digests"])
+        return digests, load_tensors(self.path)["features"]
+
+    def get(self, paths: Sequence[str | Path], batch_size: int = 32, num_workers: int = 0,
+            device: str | torch.device = "cpu", progress: bool = True) -> tuple[torch.Tensor, int]:
+        """Features for ``paths`` in order, encoding only images not cached; returns (features, encoded)."""
+        digests = [file_digest(p) for p in tqdm(paths, desc="hashing images", disable=not progress, leave=False)]
+        cached_digests, cached = self._read()
+        row_of = {digest: row for row, digest in enumerate(cached_digests)}
+        missing = sorted({d: p for d, p in zip(digests, paths) if d not in row_of}.items())
+        if missing:
+            fresh = extract_features(self.encoder, [p for _, p in missing], batch_size, num_workers, device, progress)
+            new_digests = [d for d, _ in missing]
+            cached = fresh if cached is None else torch.cat([cached, fresh])
+            for digest in new_digests:
+                row_of[digest] = len(row_of)
+            self._write(cached_digests + new_digests, cached)
+        return cached[[row_of[d] for d in digests]], len(missing)
+
+    def _write(self, digests: list[str], features: torch.Tensor) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        save_tensors({"features": features}, temporary, metadata={"digests": json.dumps(digests)})
+        os.replace(temporary, self.path)

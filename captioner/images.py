@@ -1,0 +1,147 @@
+"""One image loader for the API, the CLI, training and the app.
+
+Whatever comes in (a path, raw bytes, a PIL image or a numpy array) leaves as an upright 8-bit RGB
+``PIL.Image``, or raises :class:`ImageError` with a one-line reason naming the input.
+
+Conversions, documented for users:
+- EXIF orientation is applied, so phone photos are encoded upright.
+- Transparency (RGBA, LA, palette with transparency) is flattened onto a white background.
+- 16-bit and 32-bit greyscale are rescaled to 8 bits by their full range; CMYK, YCbCr, greyscale
+  and palette images are converted to RGB. Animated images (GIF, WebP) use their first frame.
+- Images above ``MAX_IMAGE_PIXELS`` are refused from their header, before any pixel is decoded
+  (decompression-bomb guard).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
+
+MAX_IMAGE_PIXELS = 50_000_000
+"""Largest accepted width x height (about 8660 x 5773): larger headers are refused unread."""
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+BACKGROUND = (255, 255, 255)
+
+
+def describe(source: ImageInput) -> str:
+    """A short name for an image input, used in error messages."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray)):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, np.ndarray):
+        return f"<array {source.shape} {source.dtype}>"
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.mode} {source.width}x{source.height}>"
+    return f"<{type(source).__name__}>"
+
+
+def load_image(source: ImageInput) -> Image.Image:
+    """Return ``source`` as an upright RGB image, or raise :class:`ImageError`."""
+    name = describe(source)
+    if isinstance(source, Image.Image):
+        return _to_rgb(source, name)
+    if isinstance(source, np.ndarray):
+        return _from_array(source, name)
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ImageError(f"{name}: empty input (0 bytes)")
+        return _decode(io.BytesIO(bytes(source)), name)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise ImageError(f"{name}: file not found")
+        if path.is_dir():
+            raise ImageError(f"{name}: is a directory, not an image file")
+        if path.stat().st_size == 0:
+            raise ImageError(f"{name}: empty file (0 bytes)")
+        with open(path, "rb") as handle:
+            return _decode(handle, name)
+    raise ImageError(f"{name}: unsupported image input; give a path, bytes, a PIL image or a numpy array")
+
+
+def _decode(stream, name: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(stream)
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image (unrecognised file format)") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name}: image dimensions exceed the limit of {MAX_IMAGE_PIXELS:,} pixels") from None
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot read image ({exc})") from None
+    with image:
+        _check_size(image.width, image.height, name)
+        try:
+            image.seek(0)  # first frame of an animation
+            image.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageError(f"{name}: truncated or corrupt image data ({exc})") from None
+        return _to_rgb(image, name)
+
+
+def _check_size(width: int, height: int, name: str) -> None:
+    if width < 1 or height < 1:
+        raise ImageError(f"{name}: image has no pixels ({width}x{height})")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(
+            f"{name}: image is {width}x{height} pixels, above the limit of {MAX_IMAGE_PIXELS:,} "
+            "(possible decompression bomb)"
+        )
+
+
+def _to_rgb(image: Image.Image, name: str) -> Image.Image:
+    _check_size(image.width, image.height, name)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block must not lose an otherwise good photo
+        pass
+    mode = image.mode
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = _rescale_to_8bit(np.asarray(image, dtype=np.float64))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, BACKGROUND)
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    return image.convert("RGB") if image.mode != "RGB" else image.copy()
+
+
+def _rescale_to_8bit(values: np.ndarray) -> Image.Image:
+    low, high = float(values.min()), float(values.max())
+    scale = 255.0 / (high - low) if high > low else 0.0
+    return Image.fromarray(((values - low) * scale).round().astype(np.uint8))
+
+
+def _from_array(array: np.ndarray, name: str) -> Image.Image:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ImageError(f"{name}: expected an HxW, HxWx3 or HxWx4 array")
+    _check_size(array.shape[1], array.shape[0], name)
+    if array.dtype == np.uint8:
+        pixels = array
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageError(f"{name}: array contains NaN or infinite values")
+        pixels = (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+        high = 1 if array.dtype == np.bool_ else np.iinfo(array.dtype).max
+        pixels = (array.astype(np.float64) / high * 255.0).round().astype(np.uint8)
+    else:
+        raise ImageError(f"{name}: unsupported array dtype {array.dtype}")
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(pixels)), name)

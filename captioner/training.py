@@ -1,0 +1,499 @@
+"""Training: cached encoder features, teacher-forced LSTM training, validation by generation, SCST.
+
+Reads top to bottom as the run does:
+1. load and validate the annotations, build the vocabulary;
+2. encode every image once through the feature cache (or, with ``finetune_encoder``, run the CNN
+   per batch and train it too, at a lower learning rate);
+3. train with cross-entropy and teacher forcing (Adam, gradient-norm clipping, dropout, label
+   smoothing, optional scheduled sampling, a cosine learning-rate schedule);
+4. after each epoch caption the validation images with the model's own decoding settings, score
+   them with the coco-caption metrics, keep ``best/`` and ``last/`` checkpoints, stop early when the
+   selection metric stops improving;
+5. optionally continue with self-critical sequence training (SCST): sampled captions are rewarded
+   by their CIDEr-D minus that of the greedy caption.
+Every epoch rewrites ``log.jsonl`` and ``training.png``; ``last/`` carries the optimizer, scheduler
+and random-number state, so ``resume`` continues exactly where the last complete epoch ended.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .data import EncodedCaptions, ImageCaptions, encode_captions, load_captions
+from .decoder import Decoder, DecoderConfig
+from .decoding import GenerationConfig, sample_or_greedy
+from .encoder import BACKBONES, DEFAULT_ENCODER, Encoder
+from .errors import CheckpointError, ConfigError
+from .features import FeatureCache, default_cache_dir, extract_features
+from .images import load_image
+from .metrics import FAST_METRICS, CiderD, score_captions
+from .model import Captioner, pick_device
+from .vocab import END_ID, PAD_ID, Vocabulary, tokenize
+
+log = logging.getLogger(__name__)
+
+TRAINER_FILE, STATE_FILE = "trainer.json", "training_state.safetensors"
+LOG_FILE, PLOT_FILE = "log.jsonl", "training.png"
+
+
+def _option(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Every training option; the CLI flags and config files fill this one dataclass."""
+
+    images: str = _option("", "folder of training images (and validation images unless --val-images)")
+    train_captions: str = _option("", "training annotations: COCO captions JSON or a Karpathy-split file")
+    val_captions: str = _option("", "validation annotations (default: the 'val' split of a Karpathy file)")
+    val_images: str = _option("", "folder of validation images, if not --images")
+    out: str = _option("runs/captioner", "output folder: best/, last/, log.jsonl, training.png")
+    encoder: str = _option(DEFAULT_ENCODER, "CNN backbone", choices=tuple(BACKBONES))
+    encoder_weights: str = _option("", "encoder weights: empty for pretrained ImageNet, a file path, or 'none'")
+    embed_size: int = _option(512, "word and image embedding size")
+    hidden_size: int = _option(512, "LSTM hidden size")
+    num_layers: int = _option(1, "LSTM layers")
+    dropout: float = _option(0.5, "dropout on embeddings, image projection and LSTM outputs")
+    min_word_count: int = _option(5, "words seen fewer times become <unk>")
+    max_caption_length: int = _option(30, "training captions are cut to this many words (the cut count is logged)")
+    epochs: int = _option(20, "cross-entropy epochs (an upper bound when early stopping)")
+    batch_size: int = _option(128, "captions per batch (SCST: images per batch x scst_samples)")
+    lr: float = _option(4e-4, "Adam learning rate for the decoder")
+    weight_decay: float = _option(0.0, "Adam weight decay")
+    lr_schedule: str = _option("cosine", "learning-rate schedule over the cross-entropy epochs",
+                               choices=("cosine", "constant"))
+    warmup_steps: int = _option(0, "linear learning-rate warm-up steps")
+    grad_clip: float = _option(5.0, "clip the gradient norm to this (0 = off)")
+    label_smoothing: float = _option(0.0, "label smoothing of the cross-entropy loss")
+    scheduled_sampling: float = _option(0.0, "final probability of feeding back the model's own word (0 = off)")
+    patience: int = _option(5, "stop a phase after this many epochs without a better validation score")
+    select_metric: str = _option("CIDEr-D", "validation metric that selects the best checkpoint",
+                                 choices=("CIDEr-D", "BLEU-4", "ROUGE-L", "BLEU-1"))
+    beam_size: int = _option(3, "beam size for validation and the checkpoint's default decoding")
+    length_penalty: float = _option(0.0, "length penalty for validation and the checkpoint's default decoding")
+    max_length: int = _option(20, "longest generated caption in words")
+    finetune_encoder: bool = _option(False, "train the CNN too (no feature cache; slow without a GPU)")
+    encoder_lr: float = _option(1e-5, "learning rate for the CNN with --finetune-encoder")
+    scst_epochs: int = _option(0, "self-critical sequence training epochs after cross-entropy (0 = off)")
+    scst_lr: float = _option(2e-5, "learning rate during SCST")
+    scst_samples: int = _option(5, "sampled captions per image during SCST")
+    seed: int = _option(0, "random seed (data order, initialisation, dropout)")
+    device: str = _option("auto", "auto, cpu, cuda, cuda:1, mps")
+    num_workers: int = _option(0, "image-loading worker processes")
+    feature_cache: str = _option("", f"feature cache folder (default {default_cache_dir()})")
+    skip_invalid: bool = _option(False, "train on the valid items of a flawed annotation file instead of stopping")
+
+    RESUMABLE = ("epochs", "scst_epochs", "patience", "device", "num_workers")
+
+    def validate(self) -> None:
+        for name in ("images", "train_captions"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name.replace('_', '-')} is required")
+        if self.encoder not in BACKBONES:
+            raise ConfigError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(BACKBONES)}")
+        positive = ("embed_size", "hidden_size", "num_layers", "batch_size", "max_caption_length", "beam_size",
+                    "max_length", "scst_samples", "min_word_count")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        for name in ("epochs", "scst_epochs", "patience", "warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} cannot be negative")
+        if self.epochs + self.scst_epochs < 1:
+            raise ConfigError("nothing to train: epochs and scst_epochs are both 0")
+        if not 0 <= self.dropout < 1 or not 0 <= self.label_smoothing < 1 or not 0 <= self.scheduled_sampling <= 1:
+            raise ConfigError("dropout and label_smoothing must be in [0, 1), scheduled_sampling in [0, 1]")
+        if self.lr <= 0 or self.scst_lr <= 0 or self.encoder_lr <= 0:
+            raise ConfigError("learning rates must be positive")
+        if self.finetune_encoder and self.scst_epochs:
+            raise ConfigError("--scst-epochs works from cached features; it cannot be combined with --finetune-encoder")
+
+    def generation(self) -> GenerationConfig:
+        return GenerationConfig(beam_size=self.beam_size, length_penalty=self.length_penalty,
+                                max_length=self.max_length)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        normalised = {key.replace("-", "_"): value for key, value in data.items()}
+        unknown = sorted(set(normalised) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        return cls(**normalised)
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class Split:
+    """One split ready for training: its images, their features (or None) and encoded captions."""
+
+    records: list[ImageCaptions]
+    features: torch.Tensor | None
+    captions: EncodedCaptions | None = None
+
+    def references(self) -> dict[int, list[str]]:
+        return {i: r.captions for i, r in enumerate(self.records)}
+
+
+def load_splits(config: TrainConfig) -> tuple[list[ImageCaptions], list[ImageCaptions]]:
+    val_images = config.val_images or config.images
+    train, report = load_captions(config.train_captions, config.images, "train", config.skip_invalid)
+    _report_skipped(config.train_captions, report)
+    val, report = load_captions(config.val_captions or config.train_captions, val_images, "val", config.skip_invalid)
+    _report_skipped(config.val_captions or config.train_captions, report)
+    log.info("data: %d training images (%d captions), %d validation images", len(train),
+             sum(len(r.captions) for r in train), len(val))
+    return train, val
+
+
+def _report_skipped(path: str, report) -> None:
+    if report.skipped:
+        log.warning("%s: skipped %d invalid item(s) (--skip-invalid), e.g. %s", path, len(report.skipped),
+                    report.skipped[0])
+
+
+def encode_split(records: list[ImageCaptions], encoder: Encoder, config: TrainConfig, device) -> torch.Tensor:
+    cache = FeatureCache(config.feature_cache or default_cache_dir(), encoder)
+    features, encoded = cache.get([r.path for r in records], num_workers=config.num_workers, device=device)
+    log.info("features: %d images, %d newly encoded, cache %s", len(records), encoded, cache.path)
+    return features.to(device)
+
+
+# ------------------------------------------------------------------------------------------------ state
+@dataclass
+class Progress:
+    """What ``trainer.json`` records between epochs."""
+
+    epoch: int = 0  # completed epochs, both phases
+    step: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    stale_epochs: int = 0
+    phase: str = "xe"
+    history: list[dict] = field(default_factory=list)
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, saved: dict) -> None:
+    state: dict = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in saved["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+class Trainer:
+    """Holds the model, the data and the optimisation state of one run."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False):
+        config.validate()
+        self.config, self.out = config, Path(config.out)
+        self.device = pick_device(config.device)
+        torch.manual_seed(config.seed)
+        train_records, val_records = load_splits(config)
+        last = checkpoint.recover(self.out / "last")
+        self.progress = Progress()
+        if resume:
+            if not last.is_dir():
+                raise CheckpointError(f"{last}: nothing to resume (no last checkpoint in {self.out})")
+            self.model = Captioner.from_pretrained(last, device=self.device)
+        else:
+            vocab = Vocabulary.build((c for r in train_records for c in r.captions), config.min_word_count)
+            encoder = Encoder.pretrained(config.encoder, config.encoder_weights or None)
+            decoder = Decoder(DecoderConfig(encoder.config.feature_size, len(vocab), config.embed_size,
+                                            config.hidden_size, config.num_layers, config.dropout))
+            self.model = Captioner(encoder, decoder, vocab, config.generation()).to(self.device)
+        if config.finetune_encoder and not resume:
+            self.model.encoder.config.weights = "checkpoint"
+        log.info("vocabulary: %d words; encoder %s (%s)", len(self.model.vocab), self.model.encoder.config.name,
+                 self.model.encoder.config.weights)
+        features = None if config.finetune_encoder else encode_split(train_records, self.model.encoder, config, self.device)
+        self.train = Split(train_records, features)
+        self.train.captions = encode_captions(train_records, self.model.vocab, config.max_caption_length)
+        if self.train.captions.truncated:
+            log.info("%d training captions were cut to %d words", self.train.captions.truncated,
+                     config.max_caption_length)
+        val_features = None if config.finetune_encoder else encode_split(val_records, self.model.encoder, config, self.device)
+        self.val = Split(val_records, val_features)
+        self.optimizer, self.scheduler = self._optimizer("xe")
+        if resume:
+            self._load_training_state(last)
+        else:  # feature extraction may or may not have drawn random numbers (cache hits): start afresh
+            torch.manual_seed(config.seed + 1)
+
+    # -------------------------------------------------------------------------------- optimisation
+    def _steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train.captions) / self.config.batch_size)
+
+    def _optimizer(self, phase: str):
+        config = self.config
+        if phase == "scst":
+            optimizer = torch.optim.Adam(self.model.decoder.parameters(), lr=config.scst_lr)
+            return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        groups = [{"params": list(self.model.decoder.parameters()), "lr": config.lr}]
+        if config.finetune_encoder:
+            groups.append({"params": list(self.model.encoder.parameters()), "lr": config.encoder_lr})
+        optimizer = torch.optim.Adam(groups, weight_decay=config.weight_decay)
+        total = max(1, config.epochs * self._steps_per_epoch())
+
+        def factor(step: int) -> float:
+            if step < config.warmup_steps:
+                return (step + 1) / config.warmup_steps
+            if config.lr_schedule == "constant":
+                return 1.0
+            progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def _training_state_files(self) -> dict:
+        tensors, optimizer_json = _flatten_optimizer(self.optimizer)
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        trainer = {"config": asdict(self.config), "progress": asdict(self.progress), "optimizer": optimizer_json,
+                   "scheduler": self.scheduler.state_dict()}
+        return {STATE_FILE: lambda path: checkpoint.save_tensors(tensors, path),
+                TRAINER_FILE: lambda path: checkpoint.write_json(path, trainer)}
+
+    def _load_training_state(self, last: Path) -> None:
+        saved = checkpoint.read_json(last / TRAINER_FILE)
+        previous = TrainConfig.from_dict(saved["config"], str(last / TRAINER_FILE))
+        changed = [f.name for f in fields(TrainConfig)
+                   if f.name not in TrainConfig.RESUMABLE and getattr(previous, f.name) != getattr(self.config, f.name)]
+        if changed:
+            raise ConfigError(f"cannot resume with changed option(s) {', '.join(changed)}; "
+                              f"only {', '.join(TrainConfig.RESUMABLE)} may change")
+        self.progress = Progress(**saved["progress"])
+        self.optimizer, self.scheduler = self._optimizer(self.progress.phase)
+        tensors = checkpoint.load_tensors(last / STATE_FILE)
+        _restore_optimizer(self.optimizer, tensors, saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        log.info("resumed after epoch %d (phase %s, best %s %.4f)", self.progress.epoch, self.progress.phase,
+                 self.config.select_metric, self.progress.best_score)
+
+    # -------------------------------------------------------------------------------- epochs
+    def run(self, stop_after_epoch: int | None = None) -> Path:
+        """Train to the end (or until ``stop_after_epoch`` epochs are complete); return ``best/``."""
+        config, progress = self.config, self.progress
+        total = config.epochs + config.scst_epochs
+        while progress.epoch < total:
+            if progress.phase == "xe" and (progress.epoch >= config.epochs or self._patience_spent()):
+                if not config.scst_epochs:
+                    break
+                self._start_scst()
+            if progress.phase == "scst" and self._patience_spent():
+                break
+            started = time.time()
+            loss = self._scst_epoch() if progress.phase == "scst" else self._xe_epoch()
+            scores = self.validate()
+            self._end_epoch(loss, scores, time.time() - started)
+            if stop_after_epoch is not None and progress.epoch >= stop_after_epoch:
+                break
+        log.info("best %s %.4f at epoch %d: %s", config.select_metric, progress.best_score, progress.best_epoch,
+                 self.out / "best")
+        return self.out / "best"
+
+    def _patience_spent(self) -> bool:
+        return self.progress.stale_epochs >= self.config.patience > 0
+
+    def _start_scst(self) -> None:
+        """Continue from the best cross-entropy model, with the SCST optimizer."""
+        best = self.out / "best"
+        if best.is_dir():
+            shutil.copytree(best, self.out / "best-xe", dirs_exist_ok=True)
+            weights = checkpoint.load_tensors(best / checkpoint.MODEL_FILE)
+            self.model.decoder.load_state_dict({k: v.float() for k, v in weights.items()})
+        self.progress.phase, self.progress.stale_epochs = "scst", 0
+        self.progress.epoch = max(self.progress.epoch, self.config.epochs)
+        self.optimizer, self.scheduler = self._optimizer("scst")
+        log.info("SCST: %d epochs from %s", self.config.scst_epochs, best)
+
+    def _batches(self, count: int, size: int):
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.config.seed * 1000 + self.progress.epoch))
+        return [order[i:i + size] for i in range(0, count, size)]
+
+    def _features_for(self, image_rows: torch.Tensor) -> torch.Tensor:
+        if self.train.features is not None:
+            return self.train.features[image_rows.to(self.train.features.device)]
+        records = self.train.records
+        pixels = torch.stack([self.model.encoder.preprocess(load_image(records[i].path)) for i in image_rows.tolist()])
+        return self.model.encoder(pixels.to(self.device))
+
+    def _step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.progress.step += 1
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        self.model.encoder.eval()  # frozen CNN, or fine-tuned with BatchNorm statistics fixed
+
+    def _xe_epoch(self) -> float:
+        self._train_mode()
+        captions, total, count = self.train.captions, 0.0, 0
+        ss_prob = self.config.scheduled_sampling * min(1.0, self.progress.epoch / max(1, self.config.epochs - 1))
+        bar = tqdm(self._batches(len(captions), self.config.batch_size), desc=f"epoch {self.progress.epoch + 1}",
+                   unit="batch", leave=False)
+        for rows in bar:
+            tokens, lengths = captions.tokens[rows], captions.lengths[rows]
+            width = int(lengths.max())
+            tokens = tokens[:, :width].to(self.device)
+            features = self._features_for(captions.image_index[rows])
+            if ss_prob > 0:
+                logits = scheduled_sampling_logits(self.model.decoder, features, tokens, ss_prob)
+            else:
+                logits = self.model.decoder(features, tokens, lengths)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
+                                   ignore_index=PAD_ID, label_smoothing=self.config.label_smoothing)
+            self._step(loss)
+            total, count = total + loss.item(), count + 1
+            bar.set_postfix(loss=f"{total / count:.3f}")
+        return total / max(1, count)
+
+    def _scst_epoch(self) -> float:
+        """Self-critical sequence training: reward = CIDEr-D(sample) - CIDEr-D(greedy caption)."""
+        if not hasattr(self, "_cider"):
+            refs = [[tokenize(c) for c in r.captions] for r in self.train.records]
+            self._cider = CiderD(refs)
+            self._cider_refs = [self._cider.prepare_references(r) for r in refs]
+        samples = self.config.scst_samples
+        per_batch = max(1, self.config.batch_size // samples)
+        sample_config = GenerationConfig(strategy="sample", num_return_sequences=samples, max_length=self.config.max_length)
+        greedy_config = GenerationConfig(strategy="greedy", max_length=self.config.max_length)
+        total, count = 0.0, 0
+        bar = tqdm(self._batches(len(self.train.records), per_batch), desc=f"SCST epoch {self.progress.epoch + 1}",
+                   unit="batch", leave=False)
+        for rows in bar:
+            features = self._features_for(rows)
+            self.model.eval()
+            with torch.no_grad():
+                greedy = sample_or_greedy(self.model.decoder, features, greedy_config).tokens[:, 0]
+            self._train_mode()
+            sampled = sample_or_greedy(self.model.decoder, features, sample_config)
+            vocab, images = self.model.vocab, rows.tolist()
+            baseline = torch.tensor([self._cider.score(vocab.tokens(g.tolist()), self._cider_refs[i])
+                                     for g, i in zip(greedy, images)])
+            rewards = torch.tensor([[self._cider.score(vocab.tokens(s.tolist()), self._cider_refs[i]) for s in row]
+                                    for row, i in zip(sampled.tokens, images)])
+            advantage = (rewards - baseline[:, None]).to(self.device)
+            log_likelihood = sampled.token_log_probs.sum(-1)  # (images, samples); 0 past <end>
+            loss = -(advantage * log_likelihood).mean()
+            self._step(loss)
+            total, count = total + rewards.mean().item(), count + 1
+            bar.set_postfix(reward=f"{total / count:.3f}")
+        return -total / max(1, count)  # logged as a loss: minus the mean sampled CIDEr-D
+
+    # -------------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Caption the validation images with the checkpoint's decoding settings and score them."""
+        self.model.eval()
+        features = self.val.features
+        if features is None:
+            features = extract_features(self.model.encoder, [r.path for r in self.val.records], device=self.device,
+                                        num_workers=self.config.num_workers, progress=False)
+        captions = self.model.generate(features, batch_size=256)
+        predictions = {i: c[0].text for i, c in enumerate(captions)}
+        return score_captions(predictions, self.val.references(), FAST_METRICS)
+
+    def _end_epoch(self, loss: float, scores: dict[str, float], seconds: float) -> None:
+        progress, config = self.progress, self.config
+        progress.epoch += 1
+        score = scores[config.select_metric]
+        improved = score > progress.best_score
+        if improved:
+            progress.best_score, progress.best_epoch, progress.stale_epochs = score, progress.epoch, 0
+        else:
+            progress.stale_epochs += 1
+        entry = {"epoch": progress.epoch, "phase": progress.phase, "loss": round(loss, 5),
+                 "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 1),
+                 **{k: round(v, 5) for k, v in scores.items()}, "best": improved}
+        progress.history.append(entry)
+        if improved:
+            self.model.save_pretrained(self.out / "best", extra_files={
+                "metrics.json": lambda path: checkpoint.write_json(path, entry)})
+        self.model.save_pretrained(self.out / "last", extra_files=self._training_state_files())
+        _write_log(self.out, progress.history, config.select_metric)
+        log.info("epoch %d %s loss %.4f | BLEU-4 %.4f CIDEr-D %.4f%s | %.0fs", progress.epoch, progress.phase, loss,
+                 scores.get("BLEU-4", float("nan")), scores.get("CIDEr-D", float("nan")),
+                 " (best)" if improved else "", seconds)
+
+
+def scheduled_sampling_logits(decoder: Decoder, features: torch.Tensor, tokens: torch.Tensor,
+                              probability: float) -> torch.Tensor:
+    """Teacher forcing where each input word is, with ``probability``, the model's own last prediction."""
+    state = decoder.init_state(features)
+    previous = tokens[:, 0]
+    outputs = []
+    for t in range(tokens.size(1) - 1):
+        logits, state = decoder.step(previous, state)
+        outputs.append(logits)
+        own = logits.detach().argmax(-1)
+        use_own = torch.rand(own.shape, device=own.device) < probability
+        previous = torch.where(use_own & (tokens[:, t + 1] != PAD_ID), own, tokens[:, t + 1])
+    return torch.stack(outputs, 1)
+
+
+def _write_log(out: Path, history: list[dict], metric: str) -> None:
+    """Rewrite log.jsonl and training.png from the whole history (so a resumed run has one log)."""
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = out / f".{LOG_FILE}.tmp"
+    temporary.write_text("".join(json.dumps(entry) + "\n" for entry in history), encoding="utf-8")
+    temporary.replace(out / LOG_FILE)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [e["epoch"] for e in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(epochs, [e["loss"] for e in history], marker="o")
+    left.set(title="training loss (SCST: minus mean reward)", xlabel="epoch")
+    for name in dict.fromkeys(["BLEU-4", "CIDEr-D", metric]):
+        right.plot(epochs, [e.get(name, float("nan")) for e in history], marker="o", label=name)
+    right.set(title="validation", xlabel="epoch")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(out / PLOT_FILE, dpi=100)
+    plt.close(figure)
+
+
+def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | None = None) -> Path:
+    """Train a captioner as ``config`` says; returns the best checkpoint directory."""
+    return Trainer(config, resume=resume).run(stop_after_epoch=stop_after_epoch)

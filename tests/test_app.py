@@ -1,0 +1,115 @@
+"""The Gradio demo, served for real: the API through gradio_client, and the page in headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, need
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained_model, tmp_path_factory):
+    model_dir = trained_model.save_pretrained(tmp_path_factory.mktemp("app") / "model")
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_PORT": str(port)}
+    log = open(tmp_path_factory.mktemp("app-log") / "server.log", "w+")
+    process = subprocess.Popen([sys.executable, "app.py", "--model", str(model_dir)], cwd=ROOT, env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if process.poll() is not None:
+                break
+            time.sleep(0.5)
+    else:
+        process.kill()
+    if process.poll() is not None:
+        log.seek(0)
+        pytest.fail(f"app.py did not start:\n{log.read()[-3000:]}")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
+
+
+def test_api_captions_a_photo(client, synthetic, trained_model):
+    from gradio_client import handle_file
+
+    image = sorted((synthetic / "images").glob("test_*.png"))[0]
+    result = client.predict(handle_file(str(image)), api_name="/caption")
+    assert isinstance(result[0], str) and result[0] == trained_model.caption(image, beam_size=3,
+                                                                             num_return_sequences=3)
+
+
+def test_api_reports_bad_uploads_and_keeps_serving(client, synthetic, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("definitely not a photo")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes((sorted((synthetic / "images").glob("test_*.png"))[0]).read_bytes()[:200])
+    for bad, reason in ((not_image, "not a readable image"), (truncated, "truncated")):
+        with pytest.raises(AppError, match=reason):
+            client.predict(handle_file(str(bad)), api_name="/caption")
+    good = sorted((synthetic / "images").glob("test_*.png"))[1]
+    assert client.predict(handle_file(str(good)), api_name="/caption")[0]
+
+
+def test_api_accepts_decoding_options(client, synthetic):
+    from gradio_client import handle_file
+
+    image = handle_file(str(sorted((synthetic / "images").glob("test_*.png"))[2]))
+    best, table, words, timing = client.predict(image, "Sampling", 3, 0.7, 2, 12, api_name="/caption")
+    assert len(table["data"]) == 2 and best == table["data"][0][0]
+    assert "ms" in timing and "sample" in timing
+    assert [w["token"].strip() for w in words] == best.split()
+
+
+def test_browser_upload_and_caption(server, synthetic, trained_model, tmp_path):
+    need(Path(CHROMIUM).exists(), "Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    image = sorted((synthetic / "images").glob("test_*.png"))[3]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server)
+        page.locator("input[type=file]").first.set_input_files(str(image))
+        page.get_by_role("button", name="Caption", exact=True).click()
+        box = page.locator("#best-caption textarea")
+        page.wait_for_function("el => el.value.length > 0", arg=box.element_handle(), timeout=60_000)
+        caption = box.input_value()
+        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        browser.close()
+    assert caption == trained_model.caption(image, beam_size=3, num_return_sequences=3)
+    assert (tmp_path / "app.png").stat().st_size > 10_000

@@ -1,0 +1,96 @@
+"""The `captioner` command: entry points, caption, evaluate, and clean failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+
+def captioner(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "captioner", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_dir(trained_model, tmp_path_factory) -> Path:
+    return trained_model.save_pretrained(tmp_path_factory.mktemp("model") / "checkpoint")
+
+
+def test_entry_points_exist():
+    assert "train" in captioner("--help").stdout
+    script = Path(sys.executable).parent / "captioner"
+    assert script.is_file(), "the console script is installed by `pip install -e .`"
+    result = subprocess.run([str(script), "caption", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--beam-size" in result.stdout and "--num-captions" in result.stdout
+
+
+def test_caption_files_and_folders(model_dir, synthetic, trained_model):
+    images = sorted((synthetic / "images").glob("test_*.png"))[:3]
+    result = captioner("caption", str(images[0]), str(images[1]), "--model", str(model_dir))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(images[0]), str(images[1])]
+    assert [line.split("\t")[1] for line in lines] == trained_model.caption(images[:2])
+    folder = synthetic / "images"
+    result = captioner("caption", str(folder), "--model", str(model_dir), "--beam-size", "2", "--quiet")
+    assert result.returncode == 0 and len(result.stdout.strip().splitlines()) == len(list(folder.glob("*.png")))
+
+
+def test_caption_json_with_several_captions(model_dir, synthetic):
+    image = sorted((synthetic / "images").glob("test_*.png"))[0]
+    result = captioner("caption", str(image), "--model", str(model_dir), "--json", "--num-captions", "3",
+                       "--beam-size", "4")
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    assert row["file"] == str(image) and len(row["captions"]) == 3
+    scores = [c["score"] for c in row["captions"]]
+    assert scores == sorted(scores, reverse=True) and all(c["log_prob"] <= 0 for c in row["captions"])
+
+
+def test_bad_file_is_reported_and_others_still_captioned(model_dir, synthetic, tmp_path):
+    good = sorted((synthetic / "images").glob("test_*.png"))[0]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    result = captioner("caption", str(bad), str(good), str(empty), str(tmp_path / "missing.jpg"),
+                       "--model", str(model_dir))
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"{good}\t") and len(result.stdout.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+    for name in ("broken.jpg", "empty.png", "missing.jpg"):
+        assert name in result.stderr
+    assert "3 of 4 images could not be captioned" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--beam-size", "0"], "beam_size must be at least 1"),
+    (["--num-captions", "5", "--beam-size", "2"], "num_return_sequences cannot exceed beam_size"),
+    (["--model", "/nonexistent/model"], "checkpoint directory not found"),
+])
+def test_bad_options_fail_cleanly(model_dir, synthetic, args, message):
+    image = sorted((synthetic / "images").glob("test_*.png"))[0]
+    full = ["caption", str(image), "--model", str(model_dir), *args]
+    result = captioner(*full)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_reports_coco_metrics(model_dir, synthetic, tmp_path):
+    out, predictions = tmp_path / "metrics.json", tmp_path / "predictions.json"
+    result = captioner("evaluate", "--images", str(synthetic / "images"), "--captions", str(synthetic / "test.json"),
+                       "--model", str(model_dir), "--out", str(out), "--predictions", str(predictions))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(out.read_text())
+    assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr-D", "distinct_captions", "vocabulary_used"} <= set(metrics)
+    assert metrics["BLEU-1"] > 0.6 and metrics["CIDEr-D"] > 1.0  # the synthetic task is learnt
+    assert metrics["images"] == 36
+    rows = json.loads(predictions.read_text())
+    assert len(rows) == 36 and {"image_id", "caption"} <= set(rows[0])
+    assert "CIDEr-D" in result.stdout

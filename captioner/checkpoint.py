@@ -29,8 +29,9 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory; on success it replaces ``path`` in one swap."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     try:
         yield temporary

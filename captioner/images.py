@@ -79,9 +79,10 @@ def _decode(stream, name: str) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image (unrecognised file format)") from None
     except Image.DecompressionBombError:
-        raise ImageError(f"{name}: image dimensions exceed the limit of {MAX_IMAGE_PIXELS:,} pixels") from None
+        raise ImageError(f"{name}: image dimensions are above the limit of {MAX_IMAGE_PIXELS:,} pixels "
+                         "(possible decompression bomb)") from None
     except OSError as exc:
-        raise ImageError(f"{name}: cannot read image ({exc})") from None
+        raise ImageError(f"{name}: truncated or corrupt image data ({exc})") from None
     with image:
         _check_size(image.width, image.height, name)
         try:
@@ -97,7 +98,7 @@ def _check_size(width: int, height: int, name: str) -> None:
         raise ImageError(f"{name}: image has no pixels ({width}x{height})")
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageError(
-            f"{name}: image is {width}x{height} pixels, above the limit of {MAX_IMAGE_PIXELS:,} "
+            f"{name}: image is {width}x{height} pixels, above the limit of {MAX_IMAGE_PIXELS:,} pixels "
             "(possible decompression bomb)"
         )
 

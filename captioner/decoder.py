@@ -46,18 +46,34 @@ class Decoder(nn.Module):
     def image_input(self, features: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.image_projection(self.dropout(features)))
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+                sampling_probability: float = 0.0) -> torch.Tensor:
         """Teacher-forced logits for ``tokens[:, 1:]``.
 
         ``tokens`` is ``<start> w1 .. wn <end> <pad>..`` with ``lengths`` counting ``<start>`` and
         ``<end>``. The LSTM reads ``[image, <start>, w1 .. wn]``; output ``t`` predicts token ``t``.
         Returns ``(B, T - 1, vocab_size)``; positions past a caption's end are padding.
+        With ``sampling_probability`` > 0 (scheduled sampling), each input word is replaced, with that
+        probability, by the model's own previous prediction; this runs step by step, hence slower.
         """
+        if sampling_probability > 0:
+            return self._scheduled_sampling(features, tokens, sampling_probability)
         inputs = torch.cat([self.image_input(features).unsqueeze(1), self.dropout(self.embedding(tokens[:, :-1]))], 1)
         packed = pack_padded_sequence(inputs, lengths.cpu(), batch_first=True, enforce_sorted=False)
         hidden, _ = self.lstm(packed)
         hidden, _ = pad_packed_sequence(hidden, batch_first=True, total_length=tokens.size(1))
         return self.output(self.dropout(hidden[:, 1:]))
+
+    def _scheduled_sampling(self, features: torch.Tensor, tokens: torch.Tensor, probability: float) -> torch.Tensor:
+        state = self.init_state(features)
+        previous, outputs = tokens[:, 0], []
+        for t in range(1, tokens.size(1)):
+            logits, state = self.step(previous, state)
+            outputs.append(logits)
+            own = logits.detach().argmax(-1)
+            use_own = (torch.rand(own.shape, device=own.device) < probability) & (tokens[:, t] != PAD_ID)
+            previous = torch.where(use_own, own, tokens[:, t])
+        return torch.stack(outputs, 1)
 
     def init_state(self, features: torch.Tensor) -> State:
         """Run the image through the LSTM: the state from which ``<start>`` is read."""

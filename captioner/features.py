@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import load_tensors, save_tensors
+from .distributed import Distributed
 from .encoder import Encoder
 from .images import load_image
 
@@ -68,9 +69,12 @@ class _ImageFiles(Dataset):
 def extract_features(encoder: Encoder, paths: Sequence[str | Path], batch_size: int = 32, num_workers: int = 0,
                      device: str | torch.device = "cpu", progress: bool = True) -> torch.Tensor:
     """Run the encoder over image files: ``(len(paths), feature_size)`` float32 on the CPU."""
-    encoder = encoder.to(device).eval()
-    loader = DataLoader(_ImageFiles(paths, encoder), batch_size=batch_size, num_workers=num_workers)
-    chunks = [encoder(pixels.to(device)).float().cpu()
+    device = torch.device(device)
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    encoder = encoder.to(device, memory_format=layout).eval()
+    loader = DataLoader(_ImageFiles(paths, encoder), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    chunks = [encoder(pixels.to(device, memory_format=layout, non_blocking=True)).float().cpu()
               for pixels in tqdm(loader, desc="encoding images", unit="batch", disable=not progress)]
     return torch.cat(chunks) if chunks else torch.empty((0, encoder.config.feature_size))
 
@@ -92,19 +96,30 @@ class FeatureCache:
         return digests, load_tensors(self.path)["features"]
 
     def get(self, paths: Sequence[str | Path], batch_size: int = 32, num_workers: int = 0,
-            device: str | torch.device = "cpu", progress: bool = True) -> tuple[torch.Tensor, int]:
-        """Features for ``paths`` in order, encoding only images not cached; returns (features, encoded)."""
-        digests = [file_digest(p) for p in tqdm(paths, desc="hashing images", disable=not progress, leave=False)]
+            device: str | torch.device = "cpu", progress: bool = True,
+            dist: Distributed | None = None) -> tuple[torch.Tensor, int]:
+        """Features for ``paths`` in order, encoding only images not cached; returns (features, encoded).
+
+        Under ``torchrun`` each rank encodes its share of the missing images, the shares are gathered,
+        and rank 0 writes the cache.
+        """
+        dist = dist or Distributed()
+        show = progress and dist.is_main
+        digests = [file_digest(p) for p in tqdm(paths, desc="hashing images", disable=not show, leave=False)]
         cached_digests, cached = self._read()
         row_of = {digest: row for row, digest in enumerate(cached_digests)}
         missing = sorted({d: p for d, p in zip(digests, paths) if d not in row_of}.items())
         if missing:
-            fresh = extract_features(self.encoder, [p for _, p in missing], batch_size, num_workers, device, progress)
+            mine = [p for _, p in missing[dist.rank::dist.world_size]]
+            fresh = extract_features(self.encoder, mine, batch_size, num_workers, device, show)
+            fresh = dist.gather_rows(fresh, len(missing))
             new_digests = [d for d, _ in missing]
             cached = fresh if cached is None else torch.cat([cached, fresh])
             for digest in new_digests:
                 row_of[digest] = len(row_of)
-            self._write(cached_digests + new_digests, cached)
+            if dist.is_main:
+                self._write(cached_digests + new_digests, cached)
+            dist.barrier()
         return cached[[row_of[d] for d in digests]], len(missing)
 
     def _write(self, digests: list[str], features: torch.Tensor) -> None:

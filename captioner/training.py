@@ -28,19 +28,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from . import checkpoint
 from .data import EncodedCaptions, ImageCaptions, encode_captions, load_captions
 from .decoder import Decoder, DecoderConfig
 from .decoding import GenerationConfig, sample_or_greedy
+from .distributed import Distributed
 from .encoder import BACKBONES, DEFAULT_ENCODER, Encoder
 from .errors import CheckpointError, ConfigError
 from .features import FeatureCache, default_cache_dir, extract_features
 from .images import load_image
 from .metrics import FAST_METRICS, CiderD, score_captions
-from .model import Captioner, pick_device
-from .vocab import END_ID, PAD_ID, Vocabulary, tokenize
+from .model import Captioner
+from .vocab import PAD_ID, START_ID, Vocabulary, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +93,15 @@ class TrainConfig:
     scst_lr: float = _option(2e-5, "learning rate during SCST")
     scst_samples: int = _option(5, "sampled captions per image during SCST")
     seed: int = _option(0, "random seed (data order, initialisation, dropout)")
-    device: str = _option("auto", "auto, cpu, cuda, cuda:1, mps")
+    device: str = _option("auto", "auto, cpu, cuda, cuda:1, mps (under torchrun: each rank's own GPU)")
+    precision: str = _option("fp32", "bf16 runs the forward passes under bfloat16 autocast (for GPUs)",
+                             choices=("fp32", "bf16"))
+    compile: bool = _option(False, "torch.compile the trained modules (for GPUs; compiling takes a while)")
     num_workers: int = _option(0, "image-loading worker processes")
     feature_cache: str = _option("", f"feature cache folder (default {default_cache_dir()})")
     skip_invalid: bool = _option(False, "train on the valid items of a flawed annotation file instead of stopping")
 
-    RESUMABLE = ("epochs", "scst_epochs", "patience", "device", "num_workers")
+    RESUMABLE = ("epochs", "scst_epochs", "patience", "device", "num_workers", "precision", "compile")
 
     def validate(self) -> None:
         for name in ("images", "train_captions"):
@@ -165,13 +170,6 @@ def _report_skipped(path: str, report) -> None:
                     report.skipped[0])
 
 
-def encode_split(records: list[ImageCaptions], encoder: Encoder, config: TrainConfig, device) -> torch.Tensor:
-    cache = FeatureCache(config.feature_cache or default_cache_dir(), encoder)
-    features, encoded = cache.get([r.path for r in records], num_workers=config.num_workers, device=device)
-    log.info("features: %d images, %d newly encoded, cache %s", len(records), encoded, cache.path)
-    return features.to(device)
-
-
 # ------------------------------------------------------------------------------------------------ state
 @dataclass
 class Progress:
@@ -211,12 +209,17 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, saved: d
 
 
 class Trainer:
-    """Holds the model, the data and the optimisation state of one run."""
+    """Holds the model, the data and the optimisation state of one run (one rank of it under torchrun)."""
 
     def __init__(self, config: TrainConfig, resume: bool = False):
         config.validate()
         self.config, self.out = config, Path(config.out)
-        self.device = pick_device(config.device)
+        self.dist = Distributed.setup(config.device)
+        self.device = self.dist.device
+        if config.batch_size % self.dist.world_size:
+            raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {self.dist.world_size} processes")
+        if not self.dist.is_main:
+            log.setLevel(logging.WARNING)
         torch.manual_seed(config.seed)
         train_records, val_records = load_splits(config)
         last = checkpoint.recover(self.out / "last")
@@ -231,23 +234,42 @@ class Trainer:
             decoder = Decoder(DecoderConfig(encoder.config.feature_size, len(vocab), config.embed_size,
                                             config.hidden_size, config.num_layers, config.dropout))
             self.model = Captioner(encoder, decoder, vocab, config.generation()).to(self.device)
-        if config.finetune_encoder and not resume:
-            self.model.encoder.config.weights = "checkpoint"
-        log.info("vocabulary: %d words; encoder %s (%s)", len(self.model.vocab), self.model.encoder.config.name,
-                 self.model.encoder.config.weights)
-        features = None if config.finetune_encoder else encode_split(train_records, self.model.encoder, config, self.device)
-        self.train = Split(train_records, features)
+            if config.finetune_encoder:
+                self.model.encoder.config.weights = "checkpoint"
+        log.info("vocabulary: %d words; encoder %s (%s); %d process(es) on %s", len(self.model.vocab),
+                 self.model.encoder.config.name, self.model.encoder.config.weights, self.dist.world_size,
+                 self.device)
+        self.train = Split(train_records, self._features(train_records))
         self.train.captions = encode_captions(train_records, self.model.vocab, config.max_caption_length)
         if self.train.captions.truncated:
             log.info("%d training captions were cut to %d words", self.train.captions.truncated,
                      config.max_caption_length)
-        val_features = None if config.finetune_encoder else encode_split(val_records, self.model.encoder, config, self.device)
-        self.val = Split(val_records, val_features)
+        self.val = Split(val_records, self._features(val_records))
+        self.decoder, self.encoder = self._wrap(self.model.decoder), self._wrap(self.model.encoder)
         self.optimizer, self.scheduler = self._optimizer("xe")
         if resume:
             self._load_training_state(last)
         else:  # feature extraction may or may not have drawn random numbers (cache hits): start afresh
-            torch.manual_seed(config.seed + 1)
+            torch.manual_seed(config.seed + 1 + self.dist.rank)
+
+    def _features(self, records: list[ImageCaptions]) -> torch.Tensor | None:
+        """Cached encoder features of ``records`` (None when the encoder is fine-tuned)."""
+        if self.config.finetune_encoder:
+            return None
+        cache = FeatureCache(self.config.feature_cache or default_cache_dir(), self.model.encoder)
+        features, encoded = cache.get([r.path for r in records], num_workers=self.config.num_workers,
+                                      device=self.device, dist=self.dist)
+        log.info("features: %d images, %d newly encoded, cache %s", len(records), encoded, cache.path)
+        return features.to(self.device)
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        """DistributedDataParallel under torchrun; torch.compile on request."""
+        if module is self.model.encoder and not self.config.finetune_encoder:
+            return module
+        if self.dist.enabled:
+            module = nn.parallel.DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(module) if self.config.compile else module
 
     # -------------------------------------------------------------------------------- optimisation
     def _steps_per_epoch(self) -> int:
@@ -275,12 +297,12 @@ class Trainer:
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     def _training_state_files(self) -> dict:
+        """Files that join the model in ``last/``: optimizer, schedule, progress, every rank's RNG state."""
         tensors, optimizer_json = _flatten_optimizer(self.optimizer)
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        for rank, states in enumerate(self.dist.gather(_rng_states())):
+            tensors.update({f"rng.{rank}.{name}": state for name, state in states.items()})
         trainer = {"config": asdict(self.config), "progress": asdict(self.progress), "optimizer": optimizer_json,
-                   "scheduler": self.scheduler.state_dict()}
+                   "scheduler": self.scheduler.state_dict(), "world_size": self.dist.world_size}
         return {STATE_FILE: lambda path: checkpoint.save_tensors(tensors, path),
                 TRAINER_FILE: lambda path: checkpoint.write_json(path, trainer)}
 
@@ -297,9 +319,9 @@ class Trainer:
         tensors = checkpoint.load_tensors(last / STATE_FILE)
         _restore_optimizer(self.optimizer, tensors, saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(tensors["rng.cpu"])
-        if "rng.cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        rank = self.dist.rank if saved.get("world_size", 1) == self.dist.world_size else 0
+        prefix = f"rng.{rank}."
+        _set_rng_states({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, self.device)
         log.info("resumed after epoch %d (phase %s, best %s %.4f)", self.progress.epoch, self.progress.phase,
                  self.config.select_metric, self.progress.best_score)
 
@@ -317,7 +339,7 @@ class Trainer:
                 break
             started = time.time()
             loss = self._scst_epoch() if progress.phase == "scst" else self._xe_epoch()
-            scores = self.validate()
+            scores = self.dist.broadcast(self.validate() if self.dist.is_main else None)
             self._end_epoch(loss, scores, time.time() - started)
             if stop_after_epoch is not None and progress.epoch >= stop_after_epoch:
                 break
@@ -332,7 +354,8 @@ class Trainer:
         """Continue from the best cross-entropy model, with the SCST optimizer."""
         best = self.out / "best"
         if best.is_dir():
-            shutil.copytree(best, self.out / "best-xe", dirs_exist_ok=True)
+            if self.dist.is_main:
+                shutil.copytree(best, self.out / "best-xe", dirs_exist_ok=True)
             weights = checkpoint.load_tensors(best / checkpoint.MODEL_FILE)
             self.model.decoder.load_state_dict({k: v.float() for k, v in weights.items()})
         self.progress.phase, self.progress.stale_epochs = "scst", 0
@@ -340,16 +363,25 @@ class Trainer:
         self.optimizer, self.scheduler = self._optimizer("scst")
         log.info("SCST: %d epochs from %s", self.config.scst_epochs, best)
 
-    def _batches(self, count: int, size: int):
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.config.seed * 1000 + self.progress.epoch))
-        return [order[i:i + size] for i in range(0, count, size)]
+    def _batches(self, count: int, global_size: int) -> list[torch.Tensor]:
+        """This rank's share of each global batch; the union over ranks is one shuffled batch."""
+        sampler = DistributedSampler(range(count), self.dist.world_size, self.dist.rank, shuffle=True,
+                                     seed=self.config.seed)
+        sampler.set_epoch(self.progress.epoch)
+        mine = torch.tensor(list(sampler))
+        size = max(1, global_size // self.dist.world_size)
+        return [mine[i:i + size] for i in range(0, len(mine), size)]
 
     def _features_for(self, image_rows: torch.Tensor) -> torch.Tensor:
         if self.train.features is not None:
             return self.train.features[image_rows.to(self.train.features.device)]
         records = self.train.records
         pixels = torch.stack([self.model.encoder.preprocess(load_image(records[i].path)) for i in image_rows.tolist()])
-        return self.model.encoder(pixels.to(self.device))
+        layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        return self.encoder(pixels.to(self.device, memory_format=layout))
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
     def _step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -364,60 +396,69 @@ class Trainer:
         self.model.train()
         self.model.encoder.eval()  # frozen CNN, or fine-tuned with BatchNorm statistics fixed
 
+    def _progress_bar(self, batches, description: str):
+        return tqdm(batches, desc=description, unit="batch", leave=False, disable=not self.dist.is_main)
+
     def _xe_epoch(self) -> float:
+        """Cross-entropy with teacher forcing; the loss is summed over tokens and divided by the global batch's
+        token count, so any number of processes takes the same step as one process with the whole batch."""
         self._train_mode()
         captions, total, count = self.train.captions, 0.0, 0
         ss_prob = self.config.scheduled_sampling * min(1.0, self.progress.epoch / max(1, self.config.epochs - 1))
-        bar = tqdm(self._batches(len(captions), self.config.batch_size), desc=f"epoch {self.progress.epoch + 1}",
-                   unit="batch", leave=False)
+        bar = self._progress_bar(self._batches(len(captions), self.config.batch_size), f"epoch {self.progress.epoch + 1}")
         for rows in bar:
             tokens, lengths = captions.tokens[rows], captions.lengths[rows]
-            width = int(lengths.max())
-            tokens = tokens[:, :width].to(self.device)
-            features = self._features_for(captions.image_index[rows])
-            if ss_prob > 0:
-                logits = scheduled_sampling_logits(self.model.decoder, features, tokens, ss_prob)
-            else:
-                logits = self.model.decoder(features, tokens, lengths)
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
-                                   ignore_index=PAD_ID, label_smoothing=self.config.label_smoothing)
-            self._step(loss)
-            total, count = total + loss.item(), count + 1
+            tokens = tokens[:, : int(lengths.max())].to(self.device)
+            targets = tokens[:, 1:]
+            tokens_in_batch = self.dist.all_sum(float((targets != PAD_ID).sum()))
+            with self._autocast():
+                features = self._features_for(captions.image_index[rows])
+                logits = self.decoder(features, tokens, lengths, ss_prob)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=PAD_ID,
+                                   label_smoothing=self.config.label_smoothing, reduction="sum")
+            self._step(loss * self.dist.world_size / tokens_in_batch)  # DDP averages gradients over ranks
+            total, count = total + loss.item() * self.dist.world_size / tokens_in_batch, count + 1
             bar.set_postfix(loss=f"{total / count:.3f}")
         return total / max(1, count)
 
     def _scst_epoch(self) -> float:
-        """Self-critical sequence training: reward = CIDEr-D(sample) - CIDEr-D(greedy caption)."""
+        """Self-critical sequence training: reward = CIDEr-D(sample) - CIDEr-D(greedy caption).
+
+        Captions are sampled (and the greedy baseline decoded) without gradients; the policy gradient then
+        comes from one teacher-forced pass over the sampled captions, which also lets DDP average it.
+        """
         if not hasattr(self, "_cider"):
             refs = [[tokenize(c) for c in r.captions] for r in self.train.records]
             self._cider = CiderD(refs)
             self._cider_refs = [self._cider.prepare_references(r) for r in refs]
         samples = self.config.scst_samples
-        per_batch = max(1, self.config.batch_size // samples)
+        images_per_batch = max(self.dist.world_size, self.config.batch_size // samples)
         sample_config = GenerationConfig(strategy="sample", num_return_sequences=samples, max_length=self.config.max_length)
         greedy_config = GenerationConfig(strategy="greedy", max_length=self.config.max_length)
-        total, count = 0.0, 0
-        bar = tqdm(self._batches(len(self.train.records), per_batch), desc=f"SCST epoch {self.progress.epoch + 1}",
-                   unit="batch", leave=False)
-        for rows in bar:
+        vocab, total, count = self.model.vocab, 0.0, 0
+        batches = self._batches(len(self.train.records), images_per_batch)
+        for rows in self._progress_bar(batches, f"SCST epoch {self.progress.epoch + 1}"):
             features = self._features_for(rows)
             self.model.eval()
             with torch.no_grad():
                 greedy = sample_or_greedy(self.model.decoder, features, greedy_config).tokens[:, 0]
-            self._train_mode()
-            sampled = sample_or_greedy(self.model.decoder, features, sample_config)
-            vocab, images = self.model.vocab, rows.tolist()
+                sampled = sample_or_greedy(self.model.decoder, features, sample_config).tokens
+            images = rows.tolist()
             baseline = torch.tensor([self._cider.score(vocab.tokens(g.tolist()), self._cider_refs[i])
                                      for g, i in zip(greedy, images)])
             rewards = torch.tensor([[self._cider.score(vocab.tokens(s.tolist()), self._cider_refs[i]) for s in row]
-                                    for row, i in zip(sampled.tokens, images)])
-            advantage = (rewards - baseline[:, None]).to(self.device)
-            log_likelihood = sampled.token_log_probs.sum(-1)  # (images, samples); 0 past <end>
-            loss = -(advantage * log_likelihood).mean()
-            self._step(loss)
+                                    for row, i in zip(sampled, images)])
+            advantage = (rewards - baseline[:, None]).flatten().to(self.device)
+            tokens = torch.cat([torch.full_like(sampled[:, :, :1], START_ID), sampled], 2).flatten(0, 1)
+            lengths = (tokens != PAD_ID).sum(1)
+            self._train_mode()
+            with self._autocast():
+                logits = self.decoder(features.repeat_interleave(samples, 0), tokens, lengths)
+            log_probs = F.log_softmax(logits.float(), -1).gather(2, tokens[:, 1:, None])[:, :, 0]
+            log_likelihood = (log_probs * (tokens[:, 1:] != PAD_ID)).sum(1)
+            self._step(-(advantage * log_likelihood).mean())
             total, count = total + rewards.mean().item(), count + 1
-            bar.set_postfix(reward=f"{total / count:.3f}")
-        return -total / max(1, count)  # logged as a loss: minus the mean sampled CIDEr-D
+        return -self.dist.all_sum(total / max(1, count)) / self.dist.world_size  # logged: minus mean CIDEr-D
 
     # -------------------------------------------------------------------------------- validation
     @torch.no_grad()
@@ -445,29 +486,30 @@ class Trainer:
                  "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 1),
                  **{k: round(v, 5) for k, v in scores.items()}, "best": improved}
         progress.history.append(entry)
-        if improved:
-            self.model.save_pretrained(self.out / "best", extra_files={
-                "metrics.json": lambda path: checkpoint.write_json(path, entry)})
-        self.model.save_pretrained(self.out / "last", extra_files=self._training_state_files())
-        _write_log(self.out, progress.history, config.select_metric)
+        state_files = self._training_state_files()  # a collective: every rank takes part
+        if self.dist.is_main:
+            if improved:
+                self.model.save_pretrained(self.out / "best", extra_files={
+                    "metrics.json": lambda path: checkpoint.write_json(path, entry)})
+            self.model.save_pretrained(self.out / "last", extra_files=state_files)
+            _write_log(self.out, progress.history, config.select_metric)
+        self.dist.barrier()
         log.info("epoch %d %s loss %.4f | BLEU-4 %.4f CIDEr-D %.4f%s | %.0fs", progress.epoch, progress.phase, loss,
                  scores.get("BLEU-4", float("nan")), scores.get("CIDEr-D", float("nan")),
                  " (best)" if improved else "", seconds)
 
 
-def scheduled_sampling_logits(decoder: Decoder, features: torch.Tensor, tokens: torch.Tensor,
-                              probability: float) -> torch.Tensor:
-    """Teacher forcing where each input word is, with ``probability``, the model's own last prediction."""
-    state = decoder.init_state(features)
-    previous = tokens[:, 0]
-    outputs = []
-    for t in range(tokens.size(1) - 1):
-        logits, state = decoder.step(previous, state)
-        outputs.append(logits)
-        own = logits.detach().argmax(-1)
-        use_own = torch.rand(own.shape, device=own.device) < probability
-        previous = torch.where(use_own & (tokens[:, t + 1] != PAD_ID), own, tokens[:, t + 1])
-    return torch.stack(outputs, 1)
+def _rng_states() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_rng_states(states: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def _write_log(out: Path, history: list[dict], metric: str) -> None:
@@ -496,4 +538,8 @@ def _write_log(out: Path, history: list[dict], metric: str) -> None:
 
 def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | None = None) -> Path:
     """Train a captioner as ``config`` says; returns the best checkpoint directory."""
-    return Trainer(config, resume=resume).run(stop_after_epoch=stop_after_epoch)
+    trainer = Trainer(config, resume=resume)
+    try:
+        return trainer.run(stop_after_epoch=stop_after_epoch)
+    finally:
+        trainer.dist.close()

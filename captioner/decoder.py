@@ -47,22 +47,27 @@ class Decoder(nn.Module):
         return self.dropout(self.image_projection(self.dropout(features)))
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-                sampling_probability: float = 0.0) -> torch.Tensor:
+                sampling_probability: float = 0.0, valid_only: bool = False) -> torch.Tensor:
         """Teacher-forced logits for ``tokens[:, 1:]``.
 
         ``tokens`` is ``<start> w1 .. wn <end> <pad>..`` with ``lengths`` counting ``<start>`` and
         ``<end>``. The LSTM reads ``[image, <start>, w1 .. wn]``; output ``t`` predicts token ``t``.
-        Returns ``(B, T - 1, vocab_size)``; positions past a caption's end are padding.
+        Returns ``(B, T - 1, vocab_size)`` (positions past a caption's end are padding), or with
+        ``valid_only`` just the ``(N, vocab_size)`` rows of real targets, ``tokens[:, 1:][tokens[:, 1:] !=
+        <pad>]``: training skips the output layer's work on padding that way.
         With ``sampling_probability`` > 0 (scheduled sampling), each input word is replaced, with that
         probability, by the model's own previous prediction; this runs step by step, hence slower.
         """
+        valid = tokens[:, 1:] != PAD_ID
         if sampling_probability > 0:
-            return self._scheduled_sampling(features, tokens, sampling_probability)
+            logits = self._scheduled_sampling(features, tokens, sampling_probability)
+            return logits[valid] if valid_only else logits
         inputs = torch.cat([self.image_input(features).unsqueeze(1), self.dropout(self.embedding(tokens[:, :-1]))], 1)
         packed = pack_padded_sequence(inputs, lengths.cpu(), batch_first=True, enforce_sorted=False)
         hidden, _ = self.lstm(packed)
         hidden, _ = pad_packed_sequence(hidden, batch_first=True, total_length=tokens.size(1))
-        return self.output(self.dropout(hidden[:, 1:]))
+        hidden = hidden[:, 1:]
+        return self.output(self.dropout(hidden[valid] if valid_only else hidden))
 
     def _scheduled_sampling(self, features: torch.Tensor, tokens: torch.Tensor, probability: float) -> torch.Tensor:
         state = self.init_state(features)

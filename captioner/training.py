@@ -409,13 +409,13 @@ class Trainer:
         for rows in bar:
             tokens, lengths = captions.tokens[rows], captions.lengths[rows]
             tokens = tokens[:, : int(lengths.max())].to(self.device)
-            targets = tokens[:, 1:]
-            tokens_in_batch = self.dist.all_sum(float((targets != PAD_ID).sum()))
+            targets = tokens[:, 1:][tokens[:, 1:] != PAD_ID]
+            tokens_in_batch = self.dist.all_sum(float(len(targets)))
             with self._autocast():
                 features = self._features_for(captions.image_index[rows])
-                logits = self.decoder(features, tokens, lengths, ss_prob)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=PAD_ID,
-                                   label_smoothing=self.config.label_smoothing, reduction="sum")
+                logits = self.decoder(features, tokens, lengths, ss_prob, valid_only=True)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.config.label_smoothing,
+                                   reduction="sum")
             self._step(loss * self.dist.world_size / tokens_in_batch)  # DDP averages gradients over ranks
             total, count = total + loss.item() * self.dist.world_size / tokens_in_batch, count + 1
             bar.set_postfix(loss=f"{total / count:.3f}")
@@ -452,10 +452,11 @@ class Trainer:
             tokens = torch.cat([torch.full_like(sampled[:, :, :1], START_ID), sampled], 2).flatten(0, 1)
             lengths = (tokens != PAD_ID).sum(1)
             self._train_mode()
+            valid = tokens[:, 1:] != PAD_ID
             with self._autocast():
-                logits = self.decoder(features.repeat_interleave(samples, 0), tokens, lengths)
-            log_probs = F.log_softmax(logits.float(), -1).gather(2, tokens[:, 1:, None])[:, :, 0]
-            log_likelihood = (log_probs * (tokens[:, 1:] != PAD_ID)).sum(1)
+                logits = self.decoder(features.repeat_interleave(samples, 0), tokens, lengths, valid_only=True)
+            log_probs = F.log_softmax(logits.float(), -1).gather(1, tokens[:, 1:][valid][:, None])[:, 0]
+            log_likelihood = log_probs.new_zeros(len(tokens)).index_add(0, valid.nonzero()[:, 0], log_probs)
             self._step(-(advantage * log_likelihood).mean())
             total, count = total + rewards.mean().item(), count + 1
         return -self.dist.all_sum(total / max(1, count)) / self.dist.world_size  # logged: minus mean CIDEr-D

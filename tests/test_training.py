@@ -124,3 +124,32 @@ def test_config_file_and_flags_merge(synthetic, tmp_path):
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "out" / "last" / "trainer.json").read_text())["config"]
     assert saved["batch_size"] == 50 and saved["hidden_size"] == 32 and saved["lr"] == 4e-4
+
+
+def test_scst_phase_raises_reward_and_keeps_the_cross_entropy_best(synthetic, tmp_path):
+    config = synthetic_config(synthetic, tmp_path / "scst", tmp_path / "cache", epochs=10, scst_epochs=3,
+                              scst_lr=5e-4, scst_samples=4)
+    train(config)
+    history = [json.loads(line) for line in (tmp_path / "scst" / "log.jsonl").read_text().splitlines()]
+    assert [h["phase"] for h in history] == ["xe"] * 10 + ["scst"] * 3
+    scst = [h for h in history if h["phase"] == "scst"]
+    assert -scst[-1]["loss"] > -scst[0]["loss"]  # the logged SCST loss is minus the mean sampled CIDEr-D
+    assert (tmp_path / "scst" / "best-xe" / "model.safetensors").is_file()
+    best_xe = max(h["CIDEr-D"] for h in history if h["phase"] == "xe")
+    assert max(h["CIDEr-D"] for h in scst) >= best_xe - 0.05
+
+
+def test_scheduled_sampling_label_smoothing_and_encoder_finetuning_train(synthetic, tmp_path):
+    config = synthetic_config(synthetic, tmp_path / "variants", tmp_path / "cache", encoder="resnet18",
+                              encoder_weights="none", epochs=2, scheduled_sampling=0.5, label_smoothing=0.1,
+                              finetune_encoder=True, encoder_lr=1e-3)
+    best = train(config)
+    history = [json.loads(line) for line in (tmp_path / "variants" / "log.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and all(h["loss"] == h["loss"] for h in history)  # finite, not NaN
+    assert (best / "encoder.safetensors").is_file()
+    assert json.loads((best / "config.json").read_text())["encoder"]["weights"] == "checkpoint"
+    torch.manual_seed(0)
+    from captioner.encoder import Encoder
+
+    initial = Encoder.pretrained("resnet18", "none").backbone.state_dict()["conv1.weight"]
+    assert not torch.equal(load_file(str(best / "encoder.safetensors"))["conv1.weight"], initial)

@@ -26,7 +26,8 @@ class DecoderConfig:
     embed_size: int = 512
     hidden_size: int = 512
     num_layers: int = 1
-    dropout: float = 0.5
+    dropout: float = 0.5  # on LSTM outputs (and between LSTM layers)
+    input_dropout: float = 0.5  # on image features, the image projection and word embeddings
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,10 +42,11 @@ class Decoder(nn.Module):
         self.lstm = nn.LSTM(config.embed_size, config.hidden_size, config.num_layers, batch_first=True,
                             dropout=config.dropout if config.num_layers > 1 else 0.0)
         self.dropout = nn.Dropout(config.dropout)
+        self.input_dropout = nn.Dropout(config.input_dropout)
         self.output = nn.Linear(config.hidden_size, config.vocab_size)
 
     def image_input(self, features: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.image_projection(self.dropout(features)))
+        return self.input_dropout(self.image_projection(self.input_dropout(features)))
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
                 sampling_probability: float = 0.0, valid_only: bool = False) -> torch.Tensor:
@@ -62,7 +64,8 @@ class Decoder(nn.Module):
         if sampling_probability > 0:
             logits = self._scheduled_sampling(features, tokens, sampling_probability)
             return logits[valid] if valid_only else logits
-        inputs = torch.cat([self.image_input(features).unsqueeze(1), self.dropout(self.embedding(tokens[:, :-1]))], 1)
+        words = self.input_dropout(self.embedding(tokens[:, :-1]))
+        inputs = torch.cat([self.image_input(features).unsqueeze(1), words], 1)
         packed = pack_padded_sequence(inputs, lengths.cpu(), batch_first=True, enforce_sorted=False)
         hidden, _ = self.lstm(packed)
         hidden, _ = pad_packed_sequence(hidden, batch_first=True, total_length=tokens.size(1))
@@ -87,5 +90,5 @@ class Decoder(nn.Module):
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One decoding step: previous tokens ``(N,)`` -> next-token logits ``(N, vocab_size)``."""
-        hidden, state = self.lstm(self.dropout(self.embedding(tokens)).unsqueeze(1), state)
+        hidden, state = self.lstm(self.input_dropout(self.embedding(tokens)).unsqueeze(1), state)
         return self.output(self.dropout(hidden[:, 0])), state

@@ -68,7 +68,8 @@ class TrainConfig:
     embed_size: int = _option(512, "word and image embedding size")
     hidden_size: int = _option(512, "LSTM hidden size")
     num_layers: int = _option(1, "LSTM layers")
-    dropout: float = _option(0.5, "dropout on embeddings, image projection and LSTM outputs")
+    dropout: float = _option(0.5, "dropout on LSTM outputs (and between LSTM layers)")
+    input_dropout: float = _option(0.5, "dropout on image features, image projection and word embeddings")
     min_word_count: int = _option(5, "words seen fewer times become <unk>")
     max_caption_length: int = _option(30, "training captions are cut to this many words (the cut count is logged)")
     epochs: int = _option(20, "cross-entropy epochs (an upper bound when early stopping)")
@@ -101,7 +102,8 @@ class TrainConfig:
     feature_cache: str = _option("", f"feature cache folder (default {default_cache_dir()})")
     skip_invalid: bool = _option(False, "train on the valid items of a flawed annotation file instead of stopping")
 
-    RESUMABLE = ("epochs", "scst_epochs", "patience", "device", "num_workers", "precision", "compile")
+    RESUMABLE = ("epochs", "scst_epochs", "scst_lr", "scst_samples", "patience", "device", "num_workers", "precision",
+                 "compile")
 
     def validate(self) -> None:
         for name in ("images", "train_captions"):
@@ -119,8 +121,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} cannot be negative")
         if self.epochs + self.scst_epochs < 1:
             raise ConfigError("nothing to train: epochs and scst_epochs are both 0")
-        if not 0 <= self.dropout < 1 or not 0 <= self.label_smoothing < 1 or not 0 <= self.scheduled_sampling <= 1:
-            raise ConfigError("dropout and label_smoothing must be in [0, 1), scheduled_sampling in [0, 1]")
+        if not all(0 <= v < 1 for v in (self.dropout, self.input_dropout, self.label_smoothing)) or \
+                not 0 <= self.scheduled_sampling <= 1:
+            raise ConfigError("dropouts and label_smoothing must be in [0, 1), scheduled_sampling in [0, 1]")
         if self.lr <= 0 or self.scst_lr <= 0 or self.encoder_lr <= 0:
             raise ConfigError("learning rates must be positive")
         if self.finetune_encoder and self.scst_epochs:
@@ -232,7 +235,8 @@ class Trainer:
             vocab = Vocabulary.build((c for r in train_records for c in r.captions), config.min_word_count)
             encoder = Encoder.pretrained(config.encoder, config.encoder_weights or None)
             decoder = Decoder(DecoderConfig(encoder.config.feature_size, len(vocab), config.embed_size,
-                                            config.hidden_size, config.num_layers, config.dropout))
+                                            config.hidden_size, config.num_layers, config.dropout,
+                                            config.input_dropout))
             self.model = Captioner(encoder, decoder, vocab, config.generation()).to(self.device)
             if config.finetune_encoder:
                 self.model.encoder.config.weights = "checkpoint"

@@ -19,10 +19,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
-from .errors import CaptionerError  # noqa: E402
-from .model import Captioner  # noqa: E402
+from .errors import CaptionerError, ImageError  # noqa: E402
+from .images import load_image  # noqa: E402
+from .model import ASSETS, Captioner  # noqa: E402
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+EXAMPLES_DIR = ASSETS / "examples"
 MAX_FILE_SIZE = "20mb"
 CONCURRENCY_LIMIT = 2  # requests decoded at once; the rest wait in the queue
 QUEUE_SIZE = 64  # waiting requests beyond this are refused rather than piling up in memory
@@ -32,32 +33,47 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
 
 
-class UploadedImage(gr.Image):
-    """``gr.Image`` whose own decoding failures become a clear ``gr.Error`` (not a bare 'Error')."""
+def guard_decoding(component: gr.Image) -> gr.Image:
+    """Make the component's own decoding failures a clear ``gr.Error`` instead of a bare 'Error'.
 
-    def get_block_name(self) -> str:
-        return "image"
+    Gradio opens uploads with PIL before our function runs. (Wrapping the instance's method rather than
+    subclassing: Gradio writes a ``.pyi`` stub next to the module of every component subclass.)
+    """
+    decode = component.preprocess
 
-    def preprocess(self, payload):
+    def preprocess(payload):
         try:
-            return super().preprocess(payload)
+            return decode(payload)
         except gr.Error:
             raise
-        except Exception as exc:  # PIL raises many types for non-images and bombs
+        except Exception as exc:  # PIL raises many types for non-images and bombs: name the reason our way
             name = getattr(payload, "orig_name", None) or "upload"
-            raise gr.Error(f"{name}: not a readable image ({type(exc).__name__}: {exc})".split("\n")[0]) from None
+            try:
+                load_image(payload.path)
+            except ImageError as reason:
+                raise gr.Error(str(reason).replace(str(payload.path), name)) from None
+            except Exception:
+                pass
+            raise gr.Error(f"{name}: not a readable image ({type(exc).__name__})") from None
+
+    component.preprocess = preprocess
+    return component
 
 
-def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam search", beam_size: int = 3,
-                  temperature: float = 1.0, num_captions: int = 3, max_length: int = 20, seed: int | None = None):
-    """Caption one uploaded image for the UI and the API.
+def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam search", beam_size: int | None = None,
+                  temperature: float = 1.0, num_captions: int = 3, max_length: int | None = None,
+                  seed: int | None = None):
+    """Caption one uploaded image for the UI and the API (the UI's defaults are these defaults).
 
-    Returns ``(best caption, n-best rows, per-word confidences, timing text)``.
+    ``beam_size`` and ``max_length`` default to the model's own decoding settings. Returns ``(best
+    caption, n-best rows, per-word confidences, timing text)``.
     """
     if image is None:
         raise gr.Error("no image: upload, paste, drop or take a photo first")
     mode = STRATEGIES.get(strategy, strategy)
-    num_captions, beam_size, max_length = int(num_captions), int(beam_size), int(max_length)
+    beam_size = int(beam_size or model.generation_config.beam_size)
+    max_length = int(max_length or model.generation_config.max_length)
+    num_captions = int(num_captions)
     options = dict(strategy=mode, max_length=max_length,
                    num_return_sequences=1 if mode == "greedy" else num_captions)
     if mode == "beam":
@@ -88,8 +104,8 @@ def build_demo(model: Captioner) -> gr.Blocks:
                     "the caption word by word.")
         with gr.Row():
             with gr.Column():
-                image = UploadedImage(type="filepath", sources=["upload", "clipboard", "webcam"], label="Photo",
-                                      height=360)
+                image = guard_decoding(gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"],
+                                                label="Photo", height=360))
                 button = gr.Button("Caption", variant="primary")
                 with gr.Accordion("Decoding", open=False):
                     strategy = gr.Radio(list(STRATEGIES), value="Beam search", label="Strategy")

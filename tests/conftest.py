@@ -59,7 +59,7 @@ def synthetic_config(synthetic: Path, out: Path, cache: Path, **overrides):
 
     values = dict(images=str(synthetic / "images"), train_captions=str(synthetic / "train.json"),
                   val_captions=str(synthetic / "val.json"), out=str(out), encoder="mobilenet_v2",
-                  embed_size=64, hidden_size=128, dropout=0.1, min_word_count=1, epochs=15, batch_size=16,
+                  embed_size=64, hidden_size=128, dropout=0.1, input_dropout=0.1, min_word_count=1, epochs=15, batch_size=16,
                   lr=3e-3, patience=0, max_length=12, feature_cache=str(cache), device="cpu")
     values.update(overrides)
     return TrainConfig(**values)

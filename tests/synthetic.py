@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import random
+import struct
+import zlib
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -52,3 +54,12 @@ def make_split(folder: Path, name: str, count: int, seed: int, start_id: int = 0
     path = folder / f"{name}.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations}))
     return path
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A tiny PNG file claiming ``width`` x ``height`` pixels: a decompression bomb for tests."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from captioner.webapp import caption_photo
 from conftest import ROOT, need
+from synthetic import png_header
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -64,8 +66,7 @@ def test_api_captions_a_photo(client, synthetic, trained_model):
 
     image = sorted((synthetic / "images").glob("test_*.png"))[0]
     result = client.predict(handle_file(str(image)), api_name="/caption")
-    assert isinstance(result[0], str) and result[0] == trained_model.caption(image, beam_size=3,
-                                                                             num_return_sequences=3)
+    assert isinstance(result[0], str) and result[0] == caption_photo(trained_model, str(image))[0]
 
 
 def test_api_reports_bad_uploads_and_keeps_serving(client, synthetic, tmp_path):
@@ -76,7 +77,12 @@ def test_api_reports_bad_uploads_and_keeps_serving(client, synthetic, tmp_path):
     not_image.write_text("definitely not a photo")
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes((sorted((synthetic / "images").glob("test_*.png"))[0]).read_bytes()[:200])
-    for bad, reason in ((not_image, "not a readable image"), (truncated, "truncated")):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(30000, 30000))
+    for bad, reason in ((not_image, "notes.jpg: not an image"), (truncated, "truncated.png: truncated"),
+                        (empty, "empty.png: empty file"), (bomb, "bomb.png: image dimensions are above the limit")):
         with pytest.raises(AppError, match=reason):
             client.predict(handle_file(str(bad)), api_name="/caption")
     good = sorted((synthetic / "images").glob("test_*.png"))[1]
@@ -111,5 +117,5 @@ def test_browser_upload_and_caption(server, synthetic, trained_model, tmp_path):
         caption = box.input_value()
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         browser.close()
-    assert caption == trained_model.caption(image, beam_size=3, num_return_sequences=3)
+    assert caption == caption_photo(trained_model, str(image))[0]
     assert (tmp_path / "app.png").stat().st_size > 10_000

@@ -17,7 +17,7 @@ def _args(synthetic, out, cache, epochs=2):
     return ["train.py", "--images", str(synthetic / "images"), "--train-captions", str(synthetic / "train.json"),
             "--val-captions", str(synthetic / "val.json"), "--out", str(out), "--encoder", "resnet18",
             "--encoder-weights", "none", "--embed-size", "32", "--hidden-size", "64", "--batch-size", "32",
-            "--dropout", "0", "--epochs", str(epochs), "--patience", "0", "--min-word-count", "1",
+            "--dropout", "0", "--input-dropout", "0", "--epochs", str(epochs), "--patience", "0", "--min-word-count", "1",
             "--feature-cache", str(cache), "--device", "cpu", "--lr-schedule", "constant", "--quiet"]
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from captioner.errors import ImageError
 from captioner.images import MAX_IMAGE_PIXELS, load_image
+from synthetic import png_header
 
 
 def encoded(image: Image.Image, fmt: str, **params) -> bytes:
@@ -114,14 +115,7 @@ def test_rejections_name_the_file_and_reason(tmp_path):
 
 def test_decompression_bomb_refused_from_header(tmp_path):
     """A PNG claiming 20000 x 20000 pixels: refused before its pixels are decoded."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    bomb = png_header(20000, 20000)
     path = tmp_path / "bomb.png"
     path.write_bytes(bomb)
     with pytest.raises(ImageError, match=f"above the limit of {MAX_IMAGE_PIXELS:,}"):

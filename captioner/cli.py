@@ -227,6 +227,32 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- export
+def _export_parser(sub) -> None:
+    from .decoding import GenerationConfig
+
+    parser = sub.add_parser("export", help="copy a checkpoint for inference, optionally in float16 and with new "
+                                           "default decoding settings", parents=[_common()])
+    parser.add_argument("model", help="checkpoint directory to read (e.g. runs/x/best)")
+    parser.add_argument("out", help="directory to write (replaced atomically)")
+    parser.add_argument("--half-precision", action="store_true", help="store decoder weights as float16 (half size)")
+    group = parser.add_argument_group("default decoding stored in the copy (unchanged unless given)")
+    add_dataclass_options(group, GenerationConfig, DECODING_HELP)
+    parser.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .decoding import GenerationConfig
+    from .model import Captioner
+
+    model = Captioner.from_pretrained(args.model, device="cpu")
+    model.generation_config = model.generation_config.updated(**explicit_options(args, GenerationConfig))
+    out = model.save_pretrained(args.out, half_precision=args.half_precision)
+    size = sum(p.stat().st_size for p in Path(out).iterdir()) / 1e6
+    print(f"{out}: {size:.1f} MB, default decoding {model.generation_config.to_dict()}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- main
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -240,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _caption_parser(sub)
     _evaluate_parser(sub)
+    _export_parser(sub)
     return parser
 
 

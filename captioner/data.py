@@ -143,6 +143,17 @@ def _valid_id(value) -> bool:
     return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value != "")
 
 
+def _image_entry_ok(problems: _Problems, where: str, image_id, file_name, field: str, seen) -> bool:
+    """A usable file name and an id not seen before; otherwise the problem is recorded."""
+    if not isinstance(file_name, str) or not file_name:
+        problems.add(image_id, f"{where}: missing or invalid '{field}'")
+        return False
+    if _key(image_id) in seen:
+        problems.add(image_id, f"{where}: duplicate image id {image_id!r}")
+        return False
+    return True
+
+
 def _parse_coco(data: dict, image_dir: Path, problems: _Problems) -> list[ImageCaptions]:
     annotations = data["annotations"]
     if not isinstance(annotations, list):
@@ -157,13 +168,8 @@ def _parse_coco(data: dict, image_dir: Path, problems: _Problems) -> list[ImageC
         if not _valid_id(image_id):
             problems.add(None, f"{where}: missing or invalid 'id'")
             continue
-        if not isinstance(file_name, str) or not file_name:
-            problems.add(image_id, f"{where}: missing or invalid 'file_name'")
-            continue
-        if _key(image_id) in by_id:
-            problems.add(image_id, f"{where}: duplicate image id {image_id!r}")
-            continue
-        by_id[_key(image_id)] = ImageCaptions(image_id, image_dir / file_name)
+        if _image_entry_ok(problems, where, image_id, file_name, "file_name", by_id):
+            by_id[_key(image_id)] = ImageCaptions(image_id, image_dir / file_name)
     seen_annotation_ids: set = set()
     for j, annotation in enumerate(annotations):
         where = f"annotations[{j}]"
@@ -203,11 +209,7 @@ def _parse_karpathy(data: dict, image_dir: Path, split: str | None, problems: _P
             continue
         image_id = image.get("cocoid", image.get("imgid", i))
         file_name = image.get("filename")
-        if not isinstance(file_name, str) or not file_name:
-            problems.add(None, f"{where}: missing or invalid 'filename'")
-            continue
-        if _key(image_id) in seen:
-            problems.add(image_id, f"{where}: duplicate image id {image_id!r}")
+        if not _image_entry_ok(problems, where, image_id, file_name, "filename", seen):
             continue
         seen.add(_key(image_id))
         folder = image.get("filepath") or ""

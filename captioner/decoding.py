@@ -159,7 +159,7 @@ def sample_or_greedy(decoder: Decoder, features: torch.Tensor, config: Generatio
         if config.strategy == "greedy":
             tokens = allowed.argmax(-1)
         else:
-            tokens = _sample(logits.float() / config.temperature, allowed, config, generator)
+            tokens = _sample(allowed / config.temperature, config, generator)  # log-softmax = logits - constant
         token_lp = log_probs.gather(1, tokens[:, None])[:, 0]
         tokens = tokens.masked_fill(done, PAD_ID)
         history.append(tokens)
@@ -179,8 +179,8 @@ def _stack(history: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.stack(history, 1) if history else like.new_empty((like.size(0), 0))
 
 
-def _sample(logits: torch.Tensor, allowed: torch.Tensor, config: GenerationConfig, generator) -> torch.Tensor:
-    logits = logits.masked_fill(torch.isinf(allowed), float("-inf"))
+def _sample(logits: torch.Tensor, config: GenerationConfig, generator) -> torch.Tensor:
+    """Draw one token per row from ``softmax(logits)`` after the top-k and top-p filters."""
     if config.top_k:
         kth = logits.topk(min(config.top_k, logits.size(-1)), -1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -94,3 +95,20 @@ def test_evaluate_reports_coco_metrics(model_dir, synthetic, tmp_path):
     rows = json.loads(predictions.read_text())
     assert len(rows) == 36 and {"image_id", "caption"} <= set(rows[0])
     assert "CIDEr-D" in result.stdout
+
+
+def test_export_half_precision_with_new_default_decoding(model_dir, synthetic, tmp_path, trained_model):
+    out = tmp_path / "exported"
+    result = captioner("export", str(model_dir), str(out), "--half-precision", "--beam-size", "5",
+                       "--length-penalty", "0.5")
+    assert result.returncode == 0, result.stderr
+    from safetensors.torch import load_file
+
+    from captioner import Captioner
+
+    assert all(t.dtype == torch.float16 for t in load_file(str(out / "model.safetensors")).values())
+    assert (out / "model.safetensors").stat().st_size < 0.6 * (model_dir / "model.safetensors").stat().st_size
+    exported = Captioner.from_pretrained(out, device="cpu")
+    assert (exported.generation_config.beam_size, exported.generation_config.length_penalty) == (5, 0.5)
+    images = sorted((synthetic / "images").glob("test_*.png"))[:12]
+    assert exported.caption(images) == trained_model.caption(images, beam_size=5, length_penalty=0.5)

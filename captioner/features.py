@@ -31,7 +31,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "captioner" / "features"
 
 
-def cache_key(encoder: Encoder) -> str:
+def cache_key(encoder: Encoder, view: str = "center") -> str:
     """Hash of everything that changes an image's feature vector, except the image itself.
 
     Pretrained weights are identified by their torchvision id or file hash; other weights (random,
@@ -47,6 +47,8 @@ def cache_key(encoder: Encoder) -> str:
         weights = f"{weights}:{digest.hexdigest()}"
     identity = {"format": CACHE_FORMAT, "name": config.name, "weights": weights,
                 "preprocessing": config.to_dict()["preprocessing"]}
+    if view != "center":
+        identity["view"] = view
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -55,8 +57,9 @@ def file_digest(path: str | Path) -> str:
 
 
 class _ImageFiles(Dataset):
-    def __init__(self, paths: Sequence[Path], encoder: Encoder):
-        self.paths, self.preprocess = list(paths), encoder.preprocess
+    def __init__(self, paths: Sequence[Path], encoder: Encoder, view: str):
+        self.paths = list(paths)
+        self.preprocess = encoder.preprocess if view == "center" else encoder.config.preprocessing.view_transform(view)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -67,24 +70,27 @@ class _ImageFiles(Dataset):
 
 @torch.inference_mode()
 def extract_features(encoder: Encoder, paths: Sequence[str | Path], batch_size: int = 32, num_workers: int = 0,
-                     device: str | torch.device = "cpu", progress: bool = True) -> torch.Tensor:
-    """Run the encoder over image files: ``(len(paths), feature_size)`` float32 on the CPU."""
+                     device: str | torch.device = "cpu", progress: bool = True, view: str = "center") -> torch.Tensor:
+    """Run the encoder over image files: ``(len(paths), feature_size)`` float32 on the CPU.
+
+    ``view`` picks the centre crop (what inference sees) or another crop or mirror image for augmentation.
+    """
     device = torch.device(device)
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     encoder = encoder.to(device, memory_format=layout).eval()
-    loader = DataLoader(_ImageFiles(paths, encoder), batch_size=batch_size, num_workers=num_workers,
+    loader = DataLoader(_ImageFiles(paths, encoder, view), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     chunks = [encoder(pixels.to(device, memory_format=layout, non_blocking=True)).float().cpu()
-              for pixels in tqdm(loader, desc="encoding images", unit="batch", disable=not progress)]
+              for pixels in tqdm(loader, desc=f"encoding images ({view})", unit="batch", disable=not progress)]
     return torch.cat(chunks) if chunks else torch.empty((0, encoder.config.feature_size))
 
 
 class FeatureCache:
-    """Features of image files for one encoder configuration, stored under ``directory``."""
+    """Features of image files for one encoder configuration and view, stored under ``directory``."""
 
-    def __init__(self, directory: str | Path, encoder: Encoder):
-        self.encoder = encoder
-        self.path = Path(directory) / f"{encoder.config.name}-{cache_key(encoder)}.safetensors"
+    def __init__(self, directory: str | Path, encoder: Encoder, view: str = "center"):
+        self.encoder, self.view = encoder, view
+        self.path = Path(directory) / f"{encoder.config.name}-{cache_key(encoder, view)}.safetensors"
 
     def _read(self) -> tuple[list[str], torch.Tensor | None]:
         if not self.path.is_file():
@@ -111,7 +117,7 @@ class FeatureCache:
         missing = sorted({d: p for d, p in zip(digests, paths) if d not in row_of}.items())
         if missing:
             mine = [p for _, p in missing[dist.rank::dist.world_size]]
-            fresh = extract_features(self.encoder, mine, batch_size, num_workers, device, show)
+            fresh = extract_features(self.encoder, mine, batch_size, num_workers, device, show, self.view)
             fresh = dist.gather_rows(fresh, len(missing))
             new_digests = [d for d, _ in missing]
             cached = fresh if cached is None else torch.cat([cached, fresh])

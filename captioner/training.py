@@ -36,7 +36,7 @@ from .data import EncodedCaptions, ImageCaptions, encode_captions, load_captions
 from .decoder import Decoder, DecoderConfig
 from .decoding import GenerationConfig, sample_or_greedy
 from .distributed import Distributed
-from .encoder import BACKBONES, DEFAULT_ENCODER, Encoder
+from .encoder import BACKBONES, DEFAULT_ENCODER, VIEWS, Encoder
 from .errors import CheckpointError, ConfigError
 from .features import FeatureCache, default_cache_dir, extract_features
 from .images import load_image
@@ -47,6 +47,7 @@ from .vocab import END, PAD_ID, START_ID, Vocabulary, tokenize
 log = logging.getLogger(__name__)
 
 TRAINER_FILE, STATE_FILE = "trainer.json", "training_state.safetensors"
+AUGMENTATIONS = {"none": ("center",), "flip": ("center", "flip"), "tencrop": VIEWS}
 LOG_FILE, PLOT_FILE = "log.jsonl", "training.png"
 
 
@@ -103,6 +104,9 @@ class TrainConfig:
     compile: bool = _option(False, "torch.compile the trained modules (for GPUs; compiling takes a while)")
     num_workers: int = _option(0, "image-loading worker processes")
     feature_cache: str = _option("", f"feature cache folder (default {default_cache_dir()})")
+    augment: str = _option("none", "extra cached views of each training image, one picked at random per caption: "
+                           "flip (mirror image) or tencrop (corner crops and mirrors, torchvision's TenCrop)",
+                           choices=tuple(AUGMENTATIONS))
     skip_invalid: bool = _option(False, "train on the valid items of a flawed annotation file instead of stopping")
 
     # Options a resumed run may change: nothing already learnt depends on them (the run folder may move too).
@@ -249,7 +253,7 @@ class Trainer:
         log.info("vocabulary: %d words; encoder %s (%s); %d process(es) on %s", len(self.model.vocab),
                  self.model.encoder.config.name, self.model.encoder.config.weights, self.dist.world_size,
                  self.device)
-        self.train = Split(train_records, self._features(train_records))
+        self.train = Split(train_records, self._features(train_records, AUGMENTATIONS[config.augment]))
         self.train.captions = encode_captions(train_records, self.model.vocab, config.max_caption_length)
         if self.train.captions.truncated:
             log.info("%d training captions were cut to %d words", self.train.captions.truncated,
@@ -262,15 +266,19 @@ class Trainer:
         else:  # feature extraction may or may not have drawn random numbers (cache hits): start afresh
             torch.manual_seed(config.seed + 1 + self.dist.rank)
 
-    def _features(self, records: list[ImageCaptions]) -> torch.Tensor | None:
-        """Cached encoder features of ``records`` (None when the encoder is fine-tuned)."""
+    def _features(self, records: list[ImageCaptions], views: tuple[str, ...] = ("center",)) -> torch.Tensor | None:
+        """Cached encoder features of ``records``: ``(N, F)``, or ``(views, N, F)`` with augmentation;
+        None when the encoder is fine-tuned."""
         if self.config.finetune_encoder:
             return None
-        cache = FeatureCache(self.config.feature_cache or default_cache_dir(), self.model.encoder)
-        features, encoded = cache.get([r.path for r in records], num_workers=self.config.num_workers,
-                                      device=self.device, dist=self.dist)
-        log.info("features: %d images, %d newly encoded, cache %s", len(records), encoded, cache.path)
-        return features.to(self.device)
+        stacked = []
+        for view in views:
+            cache = FeatureCache(self.config.feature_cache or default_cache_dir(), self.model.encoder, view)
+            features, encoded = cache.get([r.path for r in records], num_workers=self.config.num_workers,
+                                          device=self.device, dist=self.dist)
+            log.info("features (%s): %d images, %d newly encoded, cache %s", view, len(records), encoded, cache.path)
+            stacked.append(features.to(self.device))
+        return stacked[0] if len(stacked) == 1 else torch.stack(stacked)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         """DistributedDataParallel under torchrun; torch.compile on request."""
@@ -383,8 +391,12 @@ class Trainer:
         return [mine[i:i + size] for i in range(0, len(mine), size)]
 
     def _features_for(self, image_rows: torch.Tensor) -> torch.Tensor:
-        if self.train.features is not None:
-            return self.train.features[image_rows.to(self.train.features.device)]
+        features = self.train.features
+        if features is not None and features.dim() == 3:  # augmented: a random view for each row
+            views = torch.randint(len(features), (len(image_rows),))
+            return features[views.to(features.device), image_rows.to(features.device)]
+        if features is not None:
+            return features[image_rows.to(features.device)]
         records = self.train.records
         pixels = torch.stack([self.model.encoder.preprocess(load_image(records[i].path)) for i in image_rows.tolist()])
         layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format

@@ -61,3 +61,32 @@ def test_other_encoder_weights_or_preprocessing_use_another_cache(tmp_path, enco
     other_backbone = Encoder.pretrained("resnet34", "none")
     assert FeatureCache(tmp_path, other_backbone).path != same.path
     assert FeatureCache(tmp_path, Encoder(encoder.config, encoder.backbone.state_dict())).path == same.path
+
+
+def test_views_are_mirrors_and_crops_of_the_centre_view(images, encoder):
+    from captioner.encoder import VIEWS
+    from captioner.images import load_image
+
+    image = load_image(images[0]).resize((320, 256))  # symmetric centre crop after the resize to 256
+    image.paste((0, 0, 0), (0, 0, 160, 256))  # left half black, right half red
+    preprocessing = encoder.config.preprocessing
+    centre = preprocessing.view_transform("center")(image)
+    assert torch.allclose(centre, encoder.preprocess(image))
+    assert torch.allclose(preprocessing.view_transform("flip")(image), centre.flip(-1), atol=1e-5)
+    left, right = (preprocessing.view_transform(v)(image) for v in ("top-left", "top-right"))
+    assert left.shape == right.shape == centre.shape
+    assert left[0].mean() < centre[0].mean() < right[0].mean()  # red channel: more red towards the right
+    assert len(VIEWS) == 10 and len(set(VIEWS)) == 10
+
+
+def test_each_view_has_its_own_cache(tmp_path, images, encoder):
+    for path in images:  # asymmetric pictures, so that the mirror image differs
+        picture = Image.open(path).convert("RGB")
+        picture.paste((255, 255, 255), (0, 0, 12, 30))
+        picture.save(path)
+    centre = FeatureCache(tmp_path, encoder)
+    flipped = FeatureCache(tmp_path, encoder, "flip")
+    assert centre.path != flipped.path
+    a, _ = centre.get(images, progress=False)
+    b, encoded = flipped.get(images, progress=False)
+    assert encoded == 3 and not torch.allclose(a, b)

@@ -161,3 +161,19 @@ def test_scst_with_greedy_baseline_runs(synthetic, tmp_path):
     train(config)
     phases = [json.loads(line)["phase"] for line in (tmp_path / "greedy" / "log.jsonl").read_text().splitlines()]
     assert phases == ["xe", "xe", "scst"]
+
+
+def test_augmented_views_train_and_validate_on_the_centre_view(synthetic, tmp_path):
+    from captioner.training import Trainer
+
+    config = synthetic_config(synthetic, tmp_path / "augment", tmp_path / "cache", encoder="resnet18",
+                              encoder_weights="none", epochs=1, augment="flip")
+    trainer = Trainer(config)
+    assert trainer.train.features.shape[:2] == (2, len(trainer.train.records))
+    assert trainer.val.features.dim() == 2
+    rows = torch.arange(8)
+    picked = trainer._features_for(rows)
+    assert picked.shape == (8, trainer.train.features.shape[-1])
+    assert all(any(torch.equal(picked[i], trainer.train.features[v, i]) for v in range(2)) for i in range(8))
+    trainer.run()
+    assert len((tmp_path / "augment" / "log.jsonl").read_text().splitlines()) == 1

@@ -21,6 +21,7 @@ import subprocess
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,11 @@ _FALLBACK_TOKEN = re.compile(r"n't|'\w+|\w+(?:[.-]\w+)*|[^\s\w]")
 
 @lru_cache(maxsize=1)
 def java_available() -> bool:
-    if shutil.which("java") is None:
+    """Java runs and pycocoevalcap's jars are installed (repackaged copies sometimes strip them)."""
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    jar = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    if shutil.which("java") is None or not jar.is_file():
         return False
     try:
         return subprocess.run(["java", "-version"], capture_output=True, timeout=30).returncode == 0
@@ -45,7 +50,7 @@ def java_available() -> bool:
 
 def _warn_no_java() -> None:
     if not getattr(_warn_no_java, "done", False):
-        log.warning("Java not found: using the Python fallback tokenizer and skipping METEOR; "
+        log.warning("Java (or pycocoevalcap's jars) not found: using the Python fallback tokenizer and skipping METEOR; "
                     "install Java 8+ for the exact coco-caption scores")
         _warn_no_java.done = True
 

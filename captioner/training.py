@@ -22,6 +22,7 @@ import logging
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -485,7 +486,7 @@ class Trainer:
             tokens = torch.cat([torch.full_like(sampled[:, :, :1], START_ID), sampled], 2).flatten(0, 1)
             lengths = (tokens != PAD_ID).sum(1)
             valid = tokens[:, 1:] != PAD_ID
-            with self._autocast():
+            with self._autocast(), dropout_off(self.model.decoder):
                 logits = self.decoder(features.repeat_interleave(samples, 0), tokens, lengths, valid_only=True)
             log_probs = F.log_softmax(logits.float(), -1).gather(1, tokens[:, 1:][valid][:, None])[:, 0]
             log_likelihood = log_probs.new_zeros(len(tokens)).index_add(0, valid.nonzero()[:, 0], log_probs)
@@ -533,6 +534,23 @@ class Trainer:
         log.info("epoch %d %s loss %.4f | BLEU-4 %.4f CIDEr-D %.4f%s | %.0fs", progress.epoch, progress.phase, loss,
                  scores.get("BLEU-4", float("nan")), scores.get("CIDEr-D", float("nan")),
                  " (best)" if improved else "", seconds)
+
+
+@contextmanager
+def dropout_off(module: nn.Module):
+    """Training mode with every dropout probability at zero: the forward pass is exactly the eval-mode policy,
+    while cuDNN's LSTM backward, which refuses modules in eval mode, still runs."""
+    dropouts = [(m, "p" if isinstance(m, nn.Dropout) else "dropout") for m in module.modules()
+                if isinstance(m, (nn.Dropout, nn.RNNBase))]
+    saved = [getattr(m, name) for m, name in dropouts]
+    for m, name in dropouts:
+        setattr(m, name, 0.0)
+    module.train()
+    try:
+        yield
+    finally:
+        for (m, name), value in zip(dropouts, saved):
+            setattr(m, name, value)
 
 
 def _rng_states() -> dict[str, torch.Tensor]:

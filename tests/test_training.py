@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from captioner import Captioner
 from captioner.data import load_captions
-from captioner.training import train
+from captioner.decoder import Decoder, DecoderConfig
+from captioner.training import dropout_off, train
 from conftest import ROOT, synthetic_config
 
 
@@ -177,3 +178,15 @@ def test_augmented_views_train_and_validate_on_the_centre_view(synthetic, tmp_pa
     assert all(any(torch.equal(picked[i], trainer.train.features[v, i]) for v in range(2)) for i in range(8))
     trainer.run()
     assert len((tmp_path / "augment" / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_dropout_off_scores_like_eval_mode_and_restores_dropout():
+    """SCST's policy-gradient pass must score the eval-mode policy, yet stay in training mode for cuDNN."""
+    decoder = Decoder(DecoderConfig(16, 30, 8, 12, num_layers=2, dropout=0.5, input_dropout=0.3))
+    features, tokens = torch.randn(3, 16), torch.randint(4, 30, (3, 7))
+    lengths = torch.full((3,), 7)
+    expected = decoder.eval()(features, tokens, lengths)
+    with dropout_off(decoder):
+        assert decoder.training
+        assert torch.allclose(decoder(features, tokens, lengths), expected, atol=1e-6)
+    assert decoder.dropout.p == 0.5 and decoder.input_dropout.p == 0.3 and decoder.lstm.dropout == 0.5

@@ -1,6 +1,6 @@
 """Regenerate docs/screenshot.png: start the demo, caption an example photo in headless Chromium.
 
-    python docs/make_screenshot.py [--model DIR] [--photo assets/examples/frisbee-dog.jpg]
+    python docs/make_screenshot.py [--model DIR] [--photo assets/examples/skateboarder.jpg]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model")
-    parser.add_argument("--photo", default=str(ROOT / "assets" / "examples" / "frisbee-dog.jpg"))
+    parser.add_argument("--photo", default=str(ROOT / "assets" / "examples" / "skateboarder.jpg"))
     parser.add_argument("--out", default=str(ROOT / "docs" / "screenshot.png"))
     args = parser.parse_args()
     with socket.socket() as sock:

@@ -25,6 +25,8 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/decode_speed.py
+	GRADIO_ANALYTICS_ENABLED=False $(PY) benchmarks/load_test.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

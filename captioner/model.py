@@ -152,9 +152,14 @@ class Captioner(nn.Module):
 
     # ---------------------------------------------------------------- inference
     @torch.inference_mode()
-    def encode(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 8) -> torch.Tensor:
-        """Encoder features ``(N, feature_size)`` for a list of images, reusable by ``generate``."""
+    def encode(self, images: ImageInput | Sequence[ImageInput], batch_size: int | None = None) -> torch.Tensor:
+        """Encoder features ``(N, feature_size)`` for a list of images, reusable by ``generate``.
+
+        ``batch_size`` images go through the CNN together: by default one at a time on the CPU, where
+        larger chunks were measured slower per image (benchmarks/decode_speed.py), and 32 on a GPU.
+        """
         images = _as_list(images)
+        batch_size = batch_size or (1 if self.device.type == "cpu" else 32)
         chunks = []
         for start in range(0, len(images), batch_size):
             pixels = torch.stack([self.encoder.preprocess(load_image(image)) for image in images[start:start + batch_size]])

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from captioner import Caption, ConfigError
+from captioner.decoder import Decoder, DecoderConfig
 from captioner.decoding import GenerationConfig, beam_search, constrain, generate, sample_or_greedy
 from captioner.vocab import END_ID, UNK_ID
 
@@ -121,3 +122,16 @@ def test_caption_returns_str_for_one_and_list_for_many(trained_model, synthetic)
 def test_invalid_options_raise_config_error(trained_model, features, options):
     with pytest.raises(ConfigError):
         trained_model.generate(features, **options)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_cpu_inference_step_equals_the_lstm_module(num_layers):
+    """Decoding on the CPU writes the LSTM's equations out (faster for few rows); they must agree with nn.LSTM."""
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig(16, 40, 8, 12, num_layers=num_layers, dropout=0.3)).eval()
+    tokens = torch.randint(4, 40, (5,))
+    state = decoder.init_state(torch.randn(5, 16))
+    logits, (h, c) = decoder.step(tokens, state)
+    hidden, (h_ref, c_ref) = decoder.lstm(decoder.embedding(tokens).unsqueeze(1), state)
+    assert torch.allclose(logits, decoder.output(hidden[:, 0]), atol=1e-5)
+    assert torch.allclose(h, h_ref, atol=1e-5) and torch.allclose(c, c_ref, atol=1e-5)

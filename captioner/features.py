@@ -56,6 +56,11 @@ def file_digest(path: str | Path) -> str:
     return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
 
 
+def file_digests(paths: Sequence[str | Path], progress: bool = True) -> list[str]:
+    """Content hashes of image files: a cache row belongs to the file's bytes, not to its name."""
+    return [file_digest(p) for p in tqdm(paths, desc="hashing images", disable=not progress, leave=False)]
+
+
 class _ImageFiles(Dataset):
     def __init__(self, paths: Sequence[Path], encoder: Encoder, view: str):
         self.paths = list(paths)
@@ -103,15 +108,16 @@ class FeatureCache:
 
     def get(self, paths: Sequence[str | Path], batch_size: int = 32, num_workers: int = 0,
             device: str | torch.device = "cpu", progress: bool = True,
-            dist: Distributed | None = None) -> tuple[torch.Tensor, int]:
+            dist: Distributed | None = None, digests: Sequence[str] | None = None) -> tuple[torch.Tensor, int]:
         """Features for ``paths`` in order, encoding only images not cached; returns (features, encoded).
 
+        ``digests`` (from :func:`file_digests`) saves re-reading the files when several views share them.
         Under ``torchrun`` each rank encodes its share of the missing images, the shares are gathered,
         and rank 0 writes the cache.
         """
         dist = dist or Distributed()
         show = progress and dist.is_main
-        digests = [file_digest(p) for p in tqdm(paths, desc="hashing images", disable=not show, leave=False)]
+        digests = list(digests) if digests is not None else file_digests(paths, show)
         cached_digests, cached = self._read()
         row_of = {digest: row for row, digest in enumerate(cached_digests)}
         missing = sorted({d: p for d, p in zip(digests, paths) if d not in row_of}.items())

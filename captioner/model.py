@@ -26,8 +26,8 @@ from .vocab import END_ID, START_ID, PAD_ID, Vocabulary
 
 FORMAT_VERSION = 1
 # assets/ sits beside the package in a checkout and inside it (captioner/assets) in an installed wheel.
-ASSETS = next((p for p in (Path(__file__).resolve().parent / "assets", Path(__file__).resolve().parent.parent / "assets")
-               if p.is_dir()), Path(__file__).resolve().parent.parent / "assets")
+_PACKAGE = Path(__file__).resolve().parent
+ASSETS = _PACKAGE / "assets" if (_PACKAGE / "assets").is_dir() else _PACKAGE.parent / "assets"
 BUNDLED_MODEL = ASSETS / "model"
 Inputs = Union[ImageInput, Sequence[ImageInput], torch.Tensor]
 

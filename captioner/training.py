@@ -39,7 +39,7 @@ from .decoding import GenerationConfig, sample_or_greedy
 from .distributed import Distributed
 from .encoder import BACKBONES, DEFAULT_ENCODER, VIEWS, Encoder
 from .errors import CheckpointError, ConfigError
-from .features import FeatureCache, default_cache_dir, extract_features
+from .features import FeatureCache, default_cache_dir, extract_features, file_digests
 from .images import load_image
 from .metrics import FAST_METRICS, CiderD, score_captions
 from .model import Captioner
@@ -272,11 +272,12 @@ class Trainer:
         None when the encoder is fine-tuned."""
         if self.config.finetune_encoder:
             return None
-        stacked = []
+        paths, stacked = [r.path for r in records], []
+        digests = file_digests(paths, self.dist.is_main)  # once for all views
         for view in views:
             cache = FeatureCache(self.config.feature_cache or default_cache_dir(), self.model.encoder, view)
-            features, encoded = cache.get([r.path for r in records], num_workers=self.config.num_workers,
-                                          device=self.device, dist=self.dist)
+            features, encoded = cache.get(paths, num_workers=self.config.num_workers, device=self.device,
+                                          dist=self.dist, digests=digests)
             log.info("features (%s): %d images, %d newly encoded, cache %s", view, len(records), encoded, cache.path)
             stacked.append(features.to(self.device))
         return stacked[0] if len(stacked) == 1 else torch.stack(stacked)

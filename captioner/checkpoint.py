@@ -42,7 +42,8 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             os.rename(path, previous)  # from here until the next rename, recover() restores it
         os.rename(temporary, path)
         _fsync(path.parent)
-        shutil.rmtree(previous, ignore_errors=True)
+        for obsolete in path.parent.glob(f".{path.name}.old-*"):  # ours, and any a killed writer left behind
+            shutil.rmtree(obsolete, ignore_errors=True)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 

@@ -79,6 +79,18 @@ def test_interrupted_swap_is_recovered(tmp_path):
     assert not list(tmp_path.glob(".last.tmp-*"))
 
 
+
+def test_next_swap_removes_the_old_copy_a_killed_writer_left(tmp_path):
+    """Killed after its second rename, a writer leaves its old copy behind; the next swap deletes it."""
+    target = tmp_path / "last"
+    with atomic_directory(target) as staging:
+        (staging / "a.txt").write_text("first")
+    (tmp_path / ".last.old-999").mkdir()
+    with atomic_directory(target) as staging:
+        (staging / "a.txt").write_text("second")
+    assert (target / "a.txt").read_text() == "second"
+    assert not list(tmp_path.glob(".last.old-*"))
+
 def _train_command(synthetic, out, cache, epochs):
     return [sys.executable, "train.py", "--images", str(synthetic / "images"), "--train-captions",
             str(synthetic / "train.json"), "--val-captions", str(synthetic / "val.json"), "--out", str(out),

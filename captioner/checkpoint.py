@@ -15,13 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CaptionerError, CheckpointError
 
 CONFIG_FILE, VOCAB_FILE, MODEL_FILE, ENCODER_FILE = "config.json", "vocab.json", "model.safetensors", "encoder.safetensors"
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".tar"}
+MAX_JSON_BYTES = 64 << 20  # config.json, vocab.json, trainer.json: far above any real one
+MAX_TENSOR_FILE_BYTES = 2 << 30  # a weights file is read whole into memory (float16 doubles on loading)
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @contextlib.contextmanager
@@ -88,9 +91,14 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def read_json(path: Path):
+def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES):
+    """Parsed JSON of a checkpoint file, size-bounded; any problem is one :class:`CheckpointError` line."""
     try:
+        if path.stat().st_size > max_bytes:
+            raise CheckpointError(f"{path}: {path.stat().st_size:,} bytes, above the limit of {max_bytes:,}")
         return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{path}: unreadable JSON (nested too deeply)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: unreadable JSON ({exc})") from None
 
@@ -99,8 +107,53 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a safetensors file from its header alone (no tensor is read)."""
+    _check_size(path)
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    _check_size(path)
     try:
         return load_file(str(path))
     except (OSError, SafetensorError) as exc:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
+
+
+def _check_size(path: Path) -> None:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    if size > MAX_TENSOR_FILE_BYTES:
+        raise CheckpointError(f"{path}: {size:,} bytes, above the limit of {MAX_TENSOR_FILE_BYTES:,} for a weights file")
+
+
+def check_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str,
+                 optional_prefix: str | None = None, error: type[CaptionerError] = CheckpointError) -> None:
+    """The names and shapes a weights file holds equal those a module expects (``optional_prefix``: may be
+    absent, e.g. a classifier head), else one ``error`` line naming the first difference."""
+    mismatched = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    missing = sorted(k for k in set(expected) - set(found) if not (optional_prefix and k.startswith(optional_prefix)))
+    unexpected = sorted(set(found) - set(expected))
+    if mismatched:
+        name = mismatched[0]
+        raise error(f"{where}: shape of {name} is {tuple(found[name])}, expected {tuple(expected[name])}")
+    if missing or unexpected:
+        raise error(f"{where}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def check_values(tensors: dict[str, torch.Tensor], where: str, error: type[CaptionerError] = CheckpointError) -> None:
+    """Weights are floating point and finite: NaN or infinity would caption every image with noise."""
+    for name, tensor in tensors.items():
+        if name.endswith("num_batches_tracked"):  # BatchNorm's one integer buffer
+            continue
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise error(f"{where}: {name} is {tensor.dtype}; weights must be float32, float16 or bfloat16")
+        if not torch.isfinite(tensor).all():
+            raise error(f"{where}: {name} holds NaN or infinite values")

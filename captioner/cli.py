@@ -14,41 +14,38 @@ import tomllib
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from .bounds import check_options, describe_bounds
 from .errors import CaptionerError, ConfigError
 
 log = logging.getLogger("captioner")
 
-DECODING_HELP = {
-    "strategy": "beam search, greedy, or sampling",
-    "beam_size": "beams kept per image",
-    "num_return_sequences": "captions returned per image (n-best list or samples)",
-    "max_length": "longest caption in words",
-    "min_length": "shortest caption in words",
-    "length_penalty": "rank beams by log-prob / length ** this (0 = raw log-prob; >0 favours longer)",
-    "no_repeat_ngram_size": "never repeat an n-gram of this size (0 = off)",
-    "suppress_unk": "never output <unk>",
-    "temperature": "sampling temperature",
-    "top_k": "sample among the k likeliest words (0 = all)",
-    "top_p": "sample among the likeliest words holding this much probability (1 = all)",
-    "seed": "random seed for sampling",
-}
 _TYPES = {"int": int, "float": float, "str": str, "int | None": int}
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls, helps: dict[str, str] | None = None) -> None:
-    """One ``--flag`` per dataclass field, default ``None`` so that only explicit flags override."""
+def add_dataclass_options(parser: argparse.ArgumentParser, cls, defaults: dict | None = None,
+                          default_note: str = "") -> None:
+    """One ``--flag`` per dataclass field, default ``None`` so that only explicit flags override.
+
+    Help shows each field's help, bounds and default: the dataclass's, or, where the real default comes
+    from elsewhere (a model's ``config.json``), ``default_note`` with the value in ``defaults``.
+    """
     for item in fields(cls):
         if item.name.isupper():
             continue
-        help_text = (helps or {}).get(item.name) or item.metadata.get("help", "")
-        default = item.default if item.default is not MISSING else None
-        kwargs: dict = {"default": None, "help": f"{help_text} (default: {default!r})"}
+        if default_note:
+            default = default_note + (f" ({defaults[item.name]!r} for the bundled one)" if defaults else "")
+        else:
+            default = repr(item.default if item.default is not MISSING else None)
+        details = "; ".join(filter(None, [describe_bounds(item), f"default: {default}"]))
+        kwargs: dict = {"default": None, "help": f"{item.metadata.get('help', '')} ({details})"}
         if item.type == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _TYPES[item.type]
             if "choices" in item.metadata:
                 kwargs["choices"] = item.metadata["choices"]
+            else:
+                kwargs["metavar"] = item.name.upper()
         parser.add_argument("--" + item.name.replace("_", "-"), dest=item.name, **kwargs)
 
 
@@ -113,16 +110,41 @@ def _decoding_options(parser: argparse.ArgumentParser) -> None:
     from .decoding import GenerationConfig
 
     group = parser.add_argument_group("decoding (defaults come from the model's config.json)")
-    add_dataclass_options(group, GenerationConfig, DECODING_HELP)
+    add_dataclass_options(group, GenerationConfig, _bundled_generation(), "from the model")
     parser.add_argument("--model", help="checkpoint directory (default: the bundled model)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images decoded together (default: 32)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images decoded together (1 to 4096; default: 32)")
+
+
+def _bundled_generation() -> dict:
+    """The bundled model's decoding defaults, for help texts (empty if it is missing or unreadable)."""
+    from .runtime import BUNDLED_MODEL
+
+    try:
+        return json.loads((BUNDLED_MODEL / "config.json").read_text(encoding="utf-8"))["generation"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _decoding_arguments(args: argparse.Namespace) -> dict:
+    """The decoding options given on the command line, checked before any model is loaded."""
+    from .decoding import GenerationConfig
+    from .model import check_batch_size
+    from .runtime import pick_device
+
+    check_batch_size(args.batch_size)
+    pick_device(args.device)
+    options = explicit_options(args, GenerationConfig)
+    if getattr(args, "num_return_sequences_alias", None) is not None:
+        options["num_return_sequences"] = args.num_return_sequences_alias
+    check_options(GenerationConfig, options)  # each on its own; combined with the model's defaults later
+    return options
 
 
 def _caption_parser(sub) -> None:
     parser = sub.add_parser("caption", help="caption image files or folders", parents=[_common()])
     parser.add_argument("paths", nargs="+", help="image files, or folders searched recursively")
-    parser.add_argument("--num-captions", type=int, dest="num_return_sequences_alias", default=None,
+    parser.add_argument("--num-captions", type=int, dest="num_return_sequences_alias", default=None, metavar="N",
                         help="alias of --num-return-sequences")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image, with scores")
     _decoding_options(parser)
@@ -130,38 +152,45 @@ def _caption_parser(sub) -> None:
 
 
 def find_images(paths: list[str]) -> list[Path]:
-    """Expand folders (recursively, image extensions only); files are taken as given."""
+    """Expand folders (recursively, image extensions only); files are taken as given.
+
+    A path that does not exist is a usage mistake (:class:`ConfigError`); a file that exists but cannot
+    be read is the captioning loop's to report and skip.
+    """
     from .images import IMAGE_EXTENSIONS
 
     found: list[Path] = []
     for name in paths:
         path = Path(name)
-        if path.is_dir():
+        try:
+            is_dir, exists = path.is_dir(), path.exists() or path.is_symlink()
+        except OSError:  # a name too long, a loop of links...: the loader reports it with the other failures
+            is_dir, exists = False, True
+        if is_dir:
             found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
-        else:
+        elif exists:
             found.append(path)
+        else:
+            raise ConfigError(f"{name}: no such file or folder")
     return found
 
 
 def _caption(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .decoding import GenerationConfig
     from .model import Captioner
 
-    options = explicit_options(args, GenerationConfig)
-    if args.num_return_sequences_alias is not None:
-        options["num_return_sequences"] = args.num_return_sequences_alias
-    model = Captioner.from_pretrained(args.model, device=args.device)
-    model.generation_config.updated(**options)  # reject bad options before any work
+    options = _decoding_arguments(args)
     files = find_images(args.paths)
     if not files:
         raise ConfigError("no images found in the given paths")
+    model = Captioner.from_pretrained(args.model, device=args.device)
+    model.generation_config.updated(**options)  # reject bad combinations before any work
     failures = 0
     with tqdm(total=len(files), unit="image", disable=len(files) < 10 or not sys.stderr.isatty()) as bar:
         for start in range(0, len(files), args.batch_size):
             chunk = files[start:start + args.batch_size]
-            good, features = _encode_each(model, chunk)
+            good, features = _encode_readable(model, chunk)
             failures += len(chunk) - len(good)
             results = model.generate(features, **options) if good else []
             for path, captions in zip(good, results):
@@ -178,24 +207,20 @@ def _caption(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _encode_each(model, paths: list[Path]):
-    """Encode a chunk, reporting and skipping images that cannot be read."""
+def _encode_readable(model, paths: list[Path]):
+    """Load each image on its own, reporting and skipping those that cannot be read; encode the rest together."""
     import torch
 
     from .errors import ImageError
 
-    try:
-        return paths, model.encode(paths)
-    except ImageError:
-        pass
-    good, rows = [], []
+    good, pixels = [], []
     for path in paths:
         try:
-            rows.append(model.encode([path]))
+            pixels.append(model.encoder.pixels(path))
             good.append(path)
         except ImageError as exc:
             print(f"error: {exc}", file=sys.stderr)
-    return good, (torch.cat(rows) if rows else None)
+    return good, (model.encode_pixels(torch.stack(pixels)) if pixels else None)
 
 
 # ---------------------------------------------------------------------------------------- evaluate
@@ -213,10 +238,9 @@ def _evaluate_parser(sub) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
-    from .decoding import GenerationConfig
 
     result = evaluate(args.images, args.captions, model=args.model, split=args.split, device=args.device,
-                      batch_size=args.batch_size, **explicit_options(args, GenerationConfig))
+                      batch_size=args.batch_size, **_decoding_arguments(args))
     if args.out:
         Path(args.out).write_text(json.dumps(result["metrics"], indent=2) + "\n", encoding="utf-8")
     if args.predictions:
@@ -237,7 +261,7 @@ def _export_parser(sub) -> None:
     parser.add_argument("out", help="directory to write (replaced atomically)")
     parser.add_argument("--half-precision", action="store_true", help="store decoder weights as float16 (half size)")
     group = parser.add_argument_group("default decoding stored in the copy (unchanged unless given)")
-    add_dataclass_options(group, GenerationConfig, DECODING_HELP)
+    add_dataclass_options(group, GenerationConfig, default_note="unchanged")
     parser.set_defaults(handler=_export)
 
 

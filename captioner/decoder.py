@@ -8,13 +8,15 @@ variable-length sequences (:meth:`Decoder.forward`); inference feeds each chosen
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .bounds import check_fields, option
+from .errors import ConfigError
 from .vocab import PAD_ID
 
 # Up to this many rows per step, CPU inference runs the LSTM's equations written out (see step()).
@@ -22,18 +24,32 @@ SMALL_STEP_ROWS = 32
 State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (num_layers, N, hidden_size)
 
 
+MAX_VOCAB_SIZE = 1_000_000
+MAX_WIDTH = 8192  # embedding and LSTM sizes
+
+
 @dataclass
 class DecoderConfig:
-    feature_size: int
-    vocab_size: int
-    embed_size: int = 512
-    hidden_size: int = 512
-    num_layers: int = 1
-    dropout: float = 0.5  # on LSTM outputs (and between LSTM layers)
-    input_dropout: float = 0.5  # on image features, the image projection and word embeddings
+    """The decoder's shape; bounds are checked on creation, before any weight is allocated."""
+
+    feature_size: int = field(metadata={"range": (1, 65536)})
+    vocab_size: int = field(metadata={"range": (5, MAX_VOCAB_SIZE)})
+    embed_size: int = option(512, range=(1, MAX_WIDTH))
+    hidden_size: int = option(512, range=(1, MAX_WIDTH))
+    num_layers: int = option(1, range=(1, 8))
+    dropout: float = option(0.5, "on LSTM outputs (and between LSTM layers)", range=(0.0, 0.99))
+    input_dropout: float = option(0.5, "on image features, the image projection and word embeddings", range=(0.0, 0.99))
+
+    def __post_init__(self) -> None:
+        check_fields(self, ConfigError, "decoder")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the decoder's weights, computed without allocating them."""
+        with torch.device("meta"):
+            return {name: tuple(tensor.shape) for name, tensor in Decoder(self).state_dict().items()}
 
 
 class Decoder(nn.Module):

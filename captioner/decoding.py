@@ -19,55 +19,72 @@ import torch
 import torch.nn.functional as F
 
 from .decoder import Decoder
+from .bounds import check_fields, option
 from .errors import ConfigError
 from .vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
 
 STRATEGIES = ("beam", "greedy", "sample")
 
 
+MAX_BEAM_SIZE = MAX_RETURN_SEQUENCES = 64  # bounds memory: batch x 64 rows x vocabulary per step
+MAX_LENGTH = 100  # words; bounds time (steps) and memory (the history of every row)
+
+
 @dataclass
 class GenerationConfig:
-    """Decoding options; the same names are API keywords, CLI flags and app controls."""
+    """Decoding options; the same names are API keywords, CLI flags and app controls.
 
-    strategy: str = "beam"
-    beam_size: int = 3
-    num_return_sequences: int = 1
-    max_length: int = 20  # words, not counting <end>; <end> is forced after this many
-    min_length: int = 1
-    length_penalty: float = 0.0
-    no_repeat_ngram_size: int = 0
-    suppress_unk: bool = True
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
+    Each field's bounds live in its metadata and are enforced by :meth:`validate` (strict types: ``True``
+    is not an ``int``), so a bad value from an option, a config file or a checkpoint fails the same way.
+    """
+
+    strategy: str = option("beam", "beam search, greedy, or sampling", choices=STRATEGIES)
+    beam_size: int = option(3, "beams kept per image", range=(1, MAX_BEAM_SIZE))
+    num_return_sequences: int = option(1, "captions returned per image (n-best list or samples)",
+                                       range=(1, MAX_RETURN_SEQUENCES))
+    max_length: int = option(20, "longest caption in words (<end> is forced after this many)", range=(1, MAX_LENGTH))
+    min_length: int = option(1, "shortest caption in words", range=(0, MAX_LENGTH))
+    length_penalty: float = option(0.0, "rank beams by log-prob / length ** this (0 = raw log-prob; >0 favours "
+                                        "longer)", range=(-5.0, 5.0))
+    no_repeat_ngram_size: int = option(0, "never repeat an n-gram of this size (0 = off)", range=(0, 10))
+    suppress_unk: bool = option(True, "never output <unk>")
+    temperature: float = option(1.0, "sampling temperature", range=(1e-4, 100.0))
+    top_k: int = option(0, "sample among the k likeliest words (0 = all)", range=(0, 1_000_000))
+    top_p: float = option(1.0, "sample among the likeliest words holding this much probability (1 = all)",
+                          range=(1e-9, 1.0))
+    seed: int | None = option(None, "random seed for sampling", range=(0, 2**63 - 1))
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def updated(self, **options) -> "GenerationConfig":
         """A copy with ``options`` applied (``None`` values keep the current setting), validated."""
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(options) - known)
+        unknown = sorted(set(options) - {f.name for f in fields(self)})
         if unknown:
             raise ConfigError(f"unknown decoding option(s): {', '.join(unknown)}")
-        config = replace(self, **{k: v for k, v in options.items() if v is not None})
-        config.validate()
-        return config
+        return replace(self, **{k: v for k, v in options.items() if v is not None})
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "generation") -> "GenerationConfig":
+        """A validated config from a JSON object (a checkpoint's ``generation`` or a config file)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: must be an object of decoding options")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"{where}: unknown decoding option(s): {', '.join(map(str, unknown))}")
+        try:
+            return cls(**data)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
     def validate(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        check_fields(self, ConfigError)
         checks = [
-            (self.beam_size >= 1, "beam_size must be at least 1"),
-            (self.num_return_sequences >= 1, "num_return_sequences must be at least 1"),
             (self.strategy != "beam" or self.num_return_sequences <= self.beam_size,
              "num_return_sequences cannot exceed beam_size"),
             (self.strategy != "greedy" or self.num_return_sequences == 1,
              "greedy decoding returns one caption; use beam or sample for several"),
-            (self.max_length >= 1, "max_length must be at least 1"),
-            (0 <= self.min_length <= self.max_length, "min_length must be between 0 and max_length"),
-            (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be 0 (off) or more"),
-            (self.temperature > 0, "temperature must be positive"),
-            (self.top_k >= 0, "top_k must be 0 (off) or more"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.min_length <= self.max_length, "min_length cannot exceed max_length"),
         ]
         for ok, message in checks:
             if not ok:
@@ -100,8 +117,7 @@ class Hypotheses(NamedTuple):
 
 @torch.inference_mode()
 def generate(decoder: Decoder, features: torch.Tensor, config: GenerationConfig) -> Hypotheses:
-    """Decode a batch of image features with ``config``'s strategy."""
-    config.validate()
+    """Decode a batch of image features with ``config``'s strategy (validated when it was made)."""
     if config.strategy == "beam":
         return beam_search(decoder, features, config)
     return sample_or_greedy(decoder, features, config)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .model import pick_device
+from .runtime import pick_device
 
 
 @dataclass

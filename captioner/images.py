@@ -9,7 +9,9 @@ Conversions, documented for users:
 - 16-bit and 32-bit greyscale are rescaled to 8 bits by their full range; CMYK, YCbCr, greyscale
   and palette images are converted to RGB. Animated images (GIF, WebP) use their first frame.
 - Images above ``MAX_IMAGE_PIXELS`` are refused from their header, before any pixel is decoded
-  (decompression-bomb guard).
+  (decompression-bomb guard); very thin images are bounded later, by the encoder's aspect-ratio crop.
+- Float arrays must hold values in [0, 1]; integer arrays are scaled by their type's full range.
+- Unreadable files (missing, no permission, a name too long, corrupt) raise :class:`ImageError`.
 """
 
 from __future__ import annotations
@@ -59,16 +61,23 @@ def load_image(source: ImageInput) -> Image.Image:
             raise ImageError(f"{name}: empty input (0 bytes)")
         return _decode(io.BytesIO(bytes(source)), name)
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise ImageError(f"{name}: file not found")
-        if path.is_dir():
-            raise ImageError(f"{name}: is a directory, not an image file")
-        if path.stat().st_size == 0:
-            raise ImageError(f"{name}: empty file (0 bytes)")
-        with open(path, "rb") as handle:
-            return _decode(handle, name)
+        try:
+            with open(_image_file(source, name), "rb") as handle:
+                return _decode(handle, name)
+        except OSError as exc:  # permissions, a name too long, an I/O error: the reason, not a traceback
+            raise ImageError(f"{name}: cannot read ({exc.strerror or exc})") from None
     raise ImageError(f"{name}: unsupported image input; give a path, bytes, a PIL image or a numpy array")
+
+
+def _image_file(source: str | os.PathLike, name: str) -> Path:
+    path = Path(source)
+    if not path.exists():
+        raise ImageError(f"{name}: file not found")
+    if path.is_dir():
+        raise ImageError(f"{name}: is a directory, not an image file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    return path
 
 
 def _decode(stream, name: str) -> Image.Image:
@@ -81,7 +90,7 @@ def _decode(stream, name: str) -> Image.Image:
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: image dimensions are above the limit of {MAX_IMAGE_PIXELS:,} pixels "
                          "(possible decompression bomb)") from None
-    except OSError as exc:
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # Pillow's plugins raise all of these
         raise ImageError(f"{name}: truncated or corrupt image data ({exc})") from None
     with image:
         _check_size(image.width, image.height, name)
@@ -139,7 +148,10 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ImageError(f"{name}: array contains NaN or infinite values")
-        pixels = (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        if array.min() < 0.0 or array.max() > 1.0:
+            raise ImageError(f"{name}: float pixel values must be in [0, 1], found {float(array.min()):g} to "
+                             f"{float(array.max()):g}; divide 0-255 values by 255 or pass a uint8 array")
+        pixels = (array * 255.0).round().astype(np.uint8)
     elif np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
         high = 1 if array.dtype == np.bool_ else np.iinfo(array.dtype).max
         pixels = (array.astype(np.float64) / high * 255.0).round().astype(np.uint8)

@@ -100,9 +100,7 @@ def score_captions(predictions: Mapping[object, str], references: Mapping[object
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         scores.update({f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)})
     if "METEOR" in wanted and java_available():
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
+        scores["METEOR"] = _meteor(gts, res)
     elif "METEOR" in wanted:
         _warn_no_java()
     if "ROUGE-L" in wanted:
@@ -113,6 +111,21 @@ def score_captions(predictions: Mapping[object, str], references: Mapping[object
     scores["distinct_captions"] = len(set(texts)) / max(1, len(texts))
     scores["vocabulary_used"] = float(len({w for i in range(len(keys)) for w in res[i][0].split()}))
     return scores
+
+
+def _meteor(gts: dict, res: dict) -> float:
+    """pycocoevalcap's METEOR, with its Java child always stopped: after an error inside ``compute_score`` its
+    lock stays held and its ``__del__`` would wait on it forever, keeping the process (and Java) alive."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()
+    try:
+        return float(meteor.compute_score(gts, res)[0])
+    finally:
+        meteor.meteor_p.kill()
+        meteor.meteor_p.wait()
+        if meteor.lock.locked():
+            meteor.lock.release()
 
 
 def _ngrams(words: Sequence[str], n: int = 4) -> Counter:

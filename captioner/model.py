@@ -8,8 +8,8 @@ or those features, so a photo never goes through the CNN twice.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Union
 
@@ -19,28 +19,23 @@ from torch import nn
 from . import checkpoint
 from .decoder import Decoder, DecoderConfig
 from .decoding import Caption, GenerationConfig, generate, sequence_log_probs, to_captions
-from .encoder import Encoder, EncoderConfig, resolve_weights
+from .bounds import check_value
+from .encoder import Encoder, EncoderConfig, fetch_pretrained, resolve_weights
 from .errors import CheckpointError, ConfigError
-from .images import ImageInput, load_image
+from .images import ImageInput
+from .runtime import BUNDLED_MODEL, pick_device
 from .vocab import END_ID, START_ID, PAD_ID, Vocabulary
 
 FORMAT_VERSION = 1
-# assets/ sits beside the package in a checkout and inside it (captioner/assets) in an installed wheel.
-_PACKAGE = Path(__file__).resolve().parent
-ASSETS = _PACKAGE / "assets" if (_PACKAGE / "assets").is_dir() else _PACKAGE.parent / "assets"
-BUNDLED_MODEL = ASSETS / "model"
 Inputs = Union[ImageInput, Sequence[ImageInput], torch.Tensor]
 
 
-def pick_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA, then Apple's MPS, then the CPU."""
-    if str(device) != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+MAX_BATCH_SIZE = 4096  # images decoded together; bounds the memory of one step
+LOAD_CHUNK = 64  # images held as pixels at once by encode()
+
+
+def check_batch_size(batch_size: object) -> int:
+    return check_value("batch_size", batch_size, "int", (1, MAX_BATCH_SIZE))
 
 
 @dataclass
@@ -56,14 +51,26 @@ class CaptionerConfig:
                 "decoder": self.decoder.to_dict(), "generation": self.generation.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> "CaptionerConfig":
+    def from_dict(cls, data: object, source: str = "config") -> "CaptionerConfig":
+        """Every value checked (types, bounds, consistency) before anything is built from it."""
         try:
+            if not isinstance(data, dict):
+                raise ConfigError("must be a JSON object")
             if data.get("format_version") != FORMAT_VERSION:
-                raise CheckpointError(f"{source}: unsupported format_version {data.get('format_version')!r}")
-            generation = GenerationConfig(**data.get("generation", {}))
-            generation.validate()
-            return cls(EncoderConfig.from_dict(data["encoder"]), DecoderConfig(**data["decoder"]), generation)
-        except (KeyError, TypeError, ConfigError, AttributeError) as exc:
+                raise ConfigError(f"unsupported format_version {str(data.get('format_version'))[:20]!r}")
+            unknown = sorted(set(data) - {"format_version", "encoder", "decoder", "generation"})
+            if unknown:
+                raise ConfigError(f"unknown field(s) {', '.join(unknown)}")
+            encoder = EncoderConfig.from_dict(data.get("encoder"))
+            decoder_data = data.get("decoder")
+            if not isinstance(decoder_data, dict) or set(decoder_data) - {f.name for f in fields(DecoderConfig)}:
+                raise ConfigError(f"decoder: must be an object of {', '.join(f.name for f in fields(DecoderConfig))}")
+            decoder = DecoderConfig(**decoder_data)
+            if decoder.feature_size != encoder.feature_size:
+                raise ConfigError(f"decoder expects {decoder.feature_size}-d features, encoder {encoder.name} gives "
+                                  f"{encoder.feature_size}")
+            return cls(encoder, decoder, GenerationConfig.from_dict(data.get("generation", {})))
+        except (TypeError, ConfigError) as exc:
             raise CheckpointError(f"{source}: invalid model configuration ({exc})") from None
 
 
@@ -106,31 +113,32 @@ class Captioner(nn.Module):
         path = checkpoint.check_directory(path)
         config = CaptionerConfig.from_dict(checkpoint.read_json(path / checkpoint.CONFIG_FILE), str(path))
         vocab = Vocabulary.load(path / checkpoint.VOCAB_FILE)
+        if config.decoder.vocab_size != len(vocab):
+            raise CheckpointError(f"{path}: config.json says {config.decoder.vocab_size} words, vocab.json has {len(vocab)}")
+        # Shapes from the safetensors header before any module is built: a lying config.json costs nothing.
+        weights_file = path / checkpoint.MODEL_FILE
+        checkpoint.check_shapes(checkpoint.tensor_shapes(weights_file), config.decoder.weight_shapes(),
+                                f"{path}: weights do not match config.json")
+        device = pick_device(device)
+        stored = path / checkpoint.ENCODER_FILE
         if encoder_weights is not None:
-            state, _, _ = resolve_weights(config.encoder.name, encoder_weights)
-        elif (path / checkpoint.ENCODER_FILE).is_file():
-            state = checkpoint.load_tensors(path / checkpoint.ENCODER_FILE)
-        elif config.encoder.weights == "none" or config.encoder.weights.startswith(("file:", "checkpoint")):
+            state, _, source = resolve_weights(config.encoder.name, encoder_weights)
+        elif stored.is_file():
+            state, source = checkpoint.load_tensors(stored), str(stored)
+        elif config.encoder.weights.stored:
             raise CheckpointError(f"{path}: {checkpoint.ENCODER_FILE} is missing (encoder weights "
-                                  f"{config.encoder.weights!r} are not pretrained ones that can be fetched)")
+                                  f"'{config.encoder.weights}' are not pretrained ones that can be fetched)")
         else:
-            state, _, _ = resolve_weights(config.encoder.name, config.encoder.weights)
-        encoder = Encoder(config.encoder, state)
+            state, source = fetch_pretrained(config.encoder.name, config.encoder.weights.enum)
+        encoder = Encoder(config.encoder, state, source)
+        weights = checkpoint.load_tensors(weights_file)
+        checkpoint.check_values(weights, str(weights_file))
         decoder = Decoder(config.decoder)
-        weights = checkpoint.load_tensors(path / checkpoint.MODEL_FILE)
-        expected = decoder.state_dict()
-        mismatched = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
-        missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-        if mismatched or missing or unexpected:
-            detail = (f"shape of {mismatched[0]} is {tuple(weights[mismatched[0]].shape)}, config implies "
-                      f"{tuple(expected[mismatched[0]].shape)}") if mismatched else (
-                      f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-            raise CheckpointError(f"{path}: weights do not match config.json ({detail})")
         decoder.load_state_dict({k: v.float() for k, v in weights.items()})
-        return cls(encoder, decoder, vocab, config.generation).to(pick_device(device))
+        return cls(encoder, decoder, vocab, config.generation).to(device)
 
     def save_pretrained(self, path: str | os.PathLike, half_precision: bool = False,
-                        extra_files: dict[str, callable] | None = None) -> Path:
+                        extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
         """Write a checkpoint directory atomically (config, vocab, safetensors weights).
 
         Encoder weights are stored only when they cannot be fetched again: fine-tuned, random or from
@@ -144,28 +152,36 @@ class Captioner(nn.Module):
             if half_precision:
                 weights = {k: v.half() for k, v in weights.items()}
             checkpoint.save_tensors(weights, directory / checkpoint.MODEL_FILE)
-            if not self.encoder.config.weights.count("_Weights."):
+            if self.encoder.config.weights.stored:
                 checkpoint.save_tensors(self.encoder.backbone.state_dict(), directory / checkpoint.ENCODER_FILE)
             for name, writer in (extra_files or {}).items():
                 writer(directory / name)
         return Path(path)
 
     # ---------------------------------------------------------------- inference
-    @torch.inference_mode()
     def encode(self, images: ImageInput | Sequence[ImageInput], batch_size: int | None = None) -> torch.Tensor:
         """Encoder features ``(N, feature_size)`` for a list of images, reusable by ``generate``.
+
+        Images are loaded ``LOAD_CHUNK`` at a time, so a long list never sits in memory as pixels.
+        """
+        images = _as_list(images)
+        chunks = [torch.empty((0, self.encoder.config.feature_size), device=self.device)]
+        for start in range(0, len(images), LOAD_CHUNK):
+            pixels = torch.stack([self.encoder.pixels(image) for image in images[start:start + LOAD_CHUNK]])
+            chunks.append(self.encode_pixels(pixels, batch_size))
+        return torch.cat(chunks)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Run the CNN over preprocessed images ``(N, 3, H, W)`` (see ``Encoder.pixels``).
 
         ``batch_size`` images go through the CNN together: by default one at a time on the CPU, where
         larger chunks were measured slower per image (benchmarks/decode_speed.py), and 32 on a GPU.
         """
-        images = _as_list(images)
-        batch_size = batch_size or (1 if self.device.type == "cpu" else 32)
-        chunks = []
-        for start in range(0, len(images), batch_size):
-            pixels = torch.stack([self.encoder.preprocess(load_image(image)) for image in images[start:start + batch_size]])
-            chunks.append(self.encoder(pixels.to(self.device)))
-        if not chunks:
-            return torch.empty((0, self.encoder.config.feature_size), device=self.device)
+        batch_size = check_batch_size(batch_size or (1 if self.device.type == "cpu" else 32))
+        chunks = [torch.empty((0, self.encoder.config.feature_size), device=self.device)]
+        for start in range(0, len(pixels), batch_size):
+            chunks.append(self.encoder(pixels[start:start + batch_size].to(self.device)))
         return torch.cat(chunks)
 
     def generate(self, inputs: Inputs, batch_size: int = 32, **options) -> list[list[Caption]]:
@@ -176,6 +192,7 @@ class Captioner(nn.Module):
         Images are processed ``batch_size`` at a time, so memory stays bounded for long lists.
         """
         config = self.generation_config.updated(**options)
+        batch_size = check_batch_size(batch_size)
         results: list[list[Caption]] = []
         for features in self._feature_batches(inputs, batch_size):
             results.extend(to_captions(generate(self.decoder, features, config), self.vocab))
@@ -206,17 +223,25 @@ class Captioner(nn.Module):
         return scores if batch else scores[0]
 
     def _feature_batches(self, inputs: Inputs, batch_size: int):
-        if isinstance(inputs, torch.Tensor) and inputs.dim() == 2 and inputs.is_floating_point():
-            if inputs.size(1) != self.encoder.config.feature_size:
-                raise ConfigError(f"features have {inputs.size(1)} columns, the encoder gives "
-                                  f"{self.encoder.config.feature_size}")
-            for start in range(0, len(inputs), batch_size):
-                yield inputs[start:start + batch_size].to(self.device)
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 2:
+            features = self._check_features(inputs)
+            for start in range(0, len(features), batch_size):
+                yield features[start:start + batch_size].to(self.device)
             return
         images = _as_list(inputs)
         for start in range(0, len(images), batch_size):
             yield self.encode(images[start:start + batch_size])
 
+    def _check_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Feature rows given by a caller (e.g. from ``encode`` or a cache): float, finite, the encoder's width."""
+        if not features.is_floating_point():
+            raise ConfigError(f"features must be floating point, not {features.dtype}")
+        if features.size(1) != self.encoder.config.feature_size:
+            raise ConfigError(f"features have {features.size(1)} columns, the encoder gives "
+                              f"{self.encoder.config.feature_size}")
+        if not torch.isfinite(features).all():
+            raise ConfigError("features hold NaN or infinite values")
+        return features.to(next(self.decoder.parameters()).dtype)
 
 def _is_batch(inputs) -> bool:
     if isinstance(inputs, torch.Tensor):

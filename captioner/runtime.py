@@ -1,0 +1,42 @@
+"""Where things are and what runs them: the bundled assets and the compute device.
+
+A low module, so that the feature cache, distributed training and the app can use both without
+importing the public model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+# assets/ sits beside the package in a checkout and inside it (captioner/assets) in an installed wheel.
+_PACKAGE = Path(__file__).resolve().parent
+ASSETS = _PACKAGE / "assets" if (_PACKAGE / "assets").is_dir() else _PACKAGE.parent / "assets"
+BUNDLED_MODEL = ASSETS / "model"
+EXAMPLES_DIR = ASSETS / "examples"
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then Apple's MPS, then the CPU; an unavailable device is a :class:`ConfigError`."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {str(device)[:40]!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: CUDA is not available on this machine; use --device cpu or auto")
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if chosen.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {device!r}: Apple's MPS is not available on this machine")
+    if chosen.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+    return chosen

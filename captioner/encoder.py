@@ -214,7 +214,7 @@ class EncoderConfig:
         if unknown:
             raise ConfigError(f"encoder: unknown field(s) {', '.join(map(str, unknown))}")
         name = data.get("name")
-        if name not in BACKBONES:
+        if not isinstance(name, str) or name not in BACKBONES:
             raise ConfigError(f"unknown encoder {str(name)[:40]!r}; choose one of {', '.join(BACKBONES)}")
         feature_size = data.get("feature_size")
         if feature_size != BACKBONES[name].feature_size or isinstance(feature_size, bool):

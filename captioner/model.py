@@ -178,7 +178,9 @@ class Captioner(nn.Module):
         ``batch_size`` images go through the CNN together: by default one at a time on the CPU, where
         larger chunks were measured slower per image (benchmarks/decode_speed.py), and 32 on a GPU.
         """
-        batch_size = check_batch_size(batch_size or (1 if self.device.type == "cpu" else 32))
+        if batch_size is None:
+            batch_size = 1 if self.device.type == "cpu" else 32
+        batch_size = check_batch_size(batch_size)
         chunks = [torch.empty((0, self.encoder.config.feature_size), device=self.device)]
         for start in range(0, len(pixels), batch_size):
             chunks.append(self.encoder(pixels[start:start + batch_size].to(self.device)))

@@ -19,8 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
-from .errors import CaptionerError, ImageError  # noqa: E402
-from .images import load_image  # noqa: E402
+from .errors import CaptionerError  # noqa: E402
 from .model import Captioner  # noqa: E402
 from .runtime import EXAMPLES_DIR  # noqa: E402
 
@@ -28,34 +27,29 @@ from .runtime import EXAMPLES_DIR  # noqa: E402
 MAX_FILE_SIZE = "20mb"
 CONCURRENCY_LIMIT = 2  # requests decoded at once; the rest wait in the queue
 QUEUE_SIZE = 64  # waiting requests beyond this are refused rather than piling up in memory
-STRATEGIES = {"Beam search": "beam", "Greedy": "greedy", "Sampling": "sample"}
+STRATEGY_LABELS = {"Beam search": "beam", "Greedy": "greedy", "Sampling": "sample"}
+CACHE_CLEANUP = (300, 900)  # every 5 minutes, delete uploads older than 15 minutes (non-images included)
 # Plain system fonts: the default theme would fetch Google Fonts, which an offline machine cannot.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
 
 
-def guard_decoding(component: gr.Image) -> gr.Image:
-    """Make the component's own decoding failures a clear ``gr.Error`` instead of a bare 'Error'.
+def original_upload(component: gr.Image) -> gr.Image:
+    """Hand our image loader the uploaded file itself, unopened.
 
-    Gradio opens uploads with PIL before our function runs. (Wrapping the instance's method rather than
-    subclassing: Gradio writes a ``.pyi`` stub next to the module of every component subclass.)
+    Gradio's own preprocessing opens every upload with PIL and, for most modes, re-encodes it (a 16-bit
+    PNG became all white), and its failures surface as a bare "Error". Our loader reads the original
+    bytes instead, with its own bounds and one-line reasons, exactly as the API and the CLI do. Pasted
+    and webcam images arrive as data URLs and are left to Gradio to write to a file. (Wrapping the
+    instance's method rather than subclassing: Gradio writes a ``.pyi`` stub next to the module of
+    every component subclass.)
     """
     decode = component.preprocess
 
     def preprocess(payload):
-        try:
+        if payload is None or payload.path is None or (payload.url or "").startswith("data:"):
             return decode(payload)
-        except gr.Error:
-            raise
-        except Exception as exc:  # PIL raises many types for non-images and bombs: name the reason our way
-            name = getattr(payload, "orig_name", None) or "upload"
-            try:
-                load_image(payload.path)
-            except ImageError as reason:
-                raise gr.Error(str(reason).replace(str(payload.path), name)) from None
-            except Exception:
-                pass
-            raise gr.Error(f"{name}: not a readable image ({type(exc).__name__})") from None
+        return payload.path
 
     component.preprocess = preprocess
     return component
@@ -71,7 +65,7 @@ def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam sea
     """
     if image is None:
         raise gr.Error("no image: upload, paste, drop or take a photo first")
-    mode = STRATEGIES.get(strategy, strategy)
+    mode = STRATEGY_LABELS.get(strategy, strategy)
     beam_size = int(beam_size or model.generation_config.beam_size)
     max_length = int(max_length or model.generation_config.max_length)
     num_captions = int(num_captions)
@@ -87,8 +81,8 @@ def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam sea
         encoded = time.perf_counter()
         captions = model.generate(features, **options)[0]
         finished = time.perf_counter()
-    except CaptionerError as exc:
-        raise gr.Error(str(exc).replace(str(image), Path(image).name)) from None
+    except CaptionerError as exc:  # name the upload, not where the server keeps it
+        raise gr.Error(str(exc).replace(str(image), Path(image).name).replace(os.getcwd(), ".")) from None
     best = captions[0]
     rows = [[c.text, round(c.log_prob, 3), f"{math.exp(c.log_prob):.2%}"] for c in captions]
     words = [(token + " ", round(math.exp(lp), 3)) for token, lp in zip(best.tokens, best.token_log_probs)]
@@ -100,16 +94,16 @@ def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam sea
 
 def build_demo(model: Captioner) -> gr.Blocks:
     examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
-    with gr.Blocks(title="captioner", analytics_enabled=False) as demo:
+    with gr.Blocks(title="captioner", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown("# captioner\nShow-and-Tell image captioning: a CNN encodes the photo, an LSTM writes "
                     "the caption word by word.")
         with gr.Row():
             with gr.Column():
-                image = guard_decoding(gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"],
-                                                label="Photo", height=360))
+                image = original_upload(gr.Image(type="filepath", image_mode=None, label="Photo", height=360,
+                                                 sources=["upload", "clipboard", "webcam"]))
                 button = gr.Button("Caption", variant="primary")
                 with gr.Accordion("Decoding", open=False):
-                    strategy = gr.Radio(list(STRATEGIES), value="Beam search", label="Strategy")
+                    strategy = gr.Radio(list(STRATEGY_LABELS), value="Beam search", label="Strategy")
                     beam_size = gr.Slider(1, 10, value=model.generation_config.beam_size, step=1,
                                           label="Beam size (raised to the number of captions)")
                     temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.1, label="Temperature (sampling)")

@@ -1,0 +1,360 @@
+"""Hostile inputs at the inference boundary: images, decoding options, checkpoints, CLI arguments.
+
+Every case is generated here (no committed binaries). Each asserts the one-line error it must get, or,
+for the memory cases, a bounded peak measured in a subprocess (a time bound is the subprocess timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from captioner import Captioner, CaptionerError, CheckpointError, ConfigError, GenerationConfig, ImageError
+from captioner.images import load_image
+from conftest import IN_CI, ROOT
+
+PEAK_LIMIT_MB = 2500  # the bundled model captions a photo at about 0.9 GB peak
+
+
+def run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(result: subprocess.CompletedProcess, status: int = 2) -> str:
+    """The process failed with ``status`` and said why on one ``error:`` line, with no traceback."""
+    assert result.returncode == status, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors, result.stderr[-2000:]
+    return "\n".join(errors)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(trained_model, tmp_path_factory) -> Path:
+    return trained_model.save_pretrained(tmp_path_factory.mktemp("hostile") / "model")
+
+
+@pytest.fixture()
+def copy(checkpoint_dir, tmp_path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(checkpoint_dir, target)
+    return target
+
+
+def edit_config(directory: Path, change) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    change(config)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+# ------------------------------------------------------------------------------------------------ images
+def png_with_text_chunk(path: Path, text_bytes: int) -> None:
+    """A valid 8x8 PNG carrying a compressed text chunk that inflates to ``text_bytes``."""
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
+    raw = path.read_bytes()
+    body = b"Comment\x00\x00" + zlib.compress(b"a" * text_bytes, 9)
+    chunk = struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body))
+    path.write_bytes(raw[:33] + chunk + raw[33:])
+
+
+def test_oversized_text_chunk_is_a_corrupt_image(tmp_path):
+    png_with_text_chunk(tmp_path / "text.png", 50_000_000)
+    with pytest.raises(ImageError, match="text.png: truncated or corrupt"):
+        load_image(tmp_path / "text.png")
+
+
+def test_unreadable_and_overlong_paths_are_image_errors(tmp_path, monkeypatch):
+    with pytest.raises(ImageError, match="cannot read \\(File name too long\\)"):
+        load_image(tmp_path / ("x" * 300 + ".jpg"))
+    photo = tmp_path / "locked.png"
+    Image.new("RGB", (8, 8)).save(photo)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("captioner.images.open", refuse, raising=False)
+    with pytest.raises(ImageError, match="locked.png: cannot read \\(Permission denied\\)"):
+        load_image(photo)
+
+
+def test_float_arrays_must_be_in_unit_range():
+    with pytest.raises(ImageError, match="must be in \\[0, 1\\], found 0 to 255"):
+        load_image(np.linspace(0, 255, 48, dtype=np.float32).reshape(4, 4, 3))
+    assert load_image(np.full((4, 4, 3), 0.5, np.float32)).getpixel((0, 0)) == (128, 128, 128)
+
+
+@pytest.mark.parametrize("size", [(20000, 1), (1, 20000), (200000, 2)])
+def test_thin_images_are_cropped_before_resizing(trained_model, tmp_path, size):
+    """The aspect-ratio crop bounds the resized image: same pixels out, whatever the shape in."""
+    path = tmp_path / "thin.png"
+    Image.new("RGB", size, (30, 200, 30)).save(path)
+    pixels = trained_model.encoder.pixels(path)
+    assert pixels.shape == (3, 224, 224)
+    assert trained_model.caption(path)
+
+
+def peak_memory_mb(code: str) -> float:
+    """Run ``code`` in a fresh interpreter and return its peak resident memory in MB."""
+    script = code + "\nimport resource; print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    result = run("-c", script)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return float(result.stdout.split("PEAK")[-1])
+
+
+def test_worst_thin_image_and_widest_options_stay_within_memory(tmp_path):
+    """200000x2 pixels would need ~26 GB resized naively; the bundled model with the largest allowed
+    beam, n-best and length must stay near its usual footprint."""
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (200_000, 2), (10, 10, 200)).save(thin)
+    photos = [str(thin)] * 4 + sorted(str(p) for p in (ROOT / "assets" / "examples").glob("*.jpg"))
+    peak = peak_memory_mb(
+        "from captioner import Captioner\n"
+        "model = Captioner.from_pretrained(device='cpu')\n"
+        f"result = model.generate({photos!r}, beam_size=64, num_return_sequences=64, max_length=100, min_length=100)\n"
+        "assert len(result) == len(" + repr(photos) + ") and all(len(r) == 64 for r in result)\n")
+    print(f"peak memory, worst thin image and widest decoding: {peak:.0f} MB")
+    assert peak < PEAK_LIMIT_MB
+
+
+# ------------------------------------------------------------------------------------------------ decoding options
+BAD_OPTIONS = [
+    (dict(beam_size=200_000), "beam_size must be between 1 and 64"),
+    (dict(beam_size=2.5), "beam_size must be an integer, not 2.5"),
+    (dict(beam_size="3"), "beam_size must be an integer, not '3'"),
+    (dict(beam_size=True), "beam_size must be an integer, not True"),
+    (dict(strategy="sample", num_return_sequences=100_000), "num_return_sequences must be between 1 and 64"),
+    (dict(strategy="greedy", max_length=10_000_000, min_length=10_000_000), "max_length must be between 1 and 100"),
+    (dict(min_length=30, max_length=20), "min_length cannot exceed max_length"),
+    (dict(strategy="sample", temperature=math.inf), "temperature must be a finite number"),
+    (dict(strategy="sample", temperature=math.nan), "temperature must be a finite number"),
+    (dict(strategy="sample", temperature=-1.0), "temperature must be between"),
+    (dict(strategy="sample", seed=99999999999999999999999), "seed must be between 0 and"),
+    (dict(strategy="sample", seed=-1), "seed must be between 0 and"),
+    (dict(length_penalty=math.inf), "length_penalty must be a finite number"),
+    (dict(length_penalty=50.0), "length_penalty must be between -5.0 and 5.0"),
+    (dict(top_k=-1), "top_k must be between 0"),
+    (dict(top_p=0.0), "top_p must be between"),
+    (dict(no_repeat_ngram_size=1000), "no_repeat_ngram_size must be between 0 and 10"),
+    (dict(suppress_unk="yes"), "suppress_unk must be true or false"),
+    (dict(strategy="Beam"), "strategy must be one of beam, greedy, sample"),
+    (dict(beam_size=2, num_return_sequences=3), "num_return_sequences cannot exceed beam_size"),
+]
+
+
+@pytest.mark.parametrize("options, message", BAD_OPTIONS, ids=[m for _, m in BAD_OPTIONS])
+def test_decoding_options_are_typed_and_bounded(trained_model, options, message):
+    features = torch.zeros(1, trained_model.encoder.config.feature_size)
+    with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace(".", "\\.")) as error:
+        trained_model.generate(features, **options)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError):
+        GenerationConfig(**options)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 10**9, 2.0, True])
+def test_batch_size_is_bounded(trained_model, batch_size):
+    features = torch.zeros(2, trained_model.encoder.config.feature_size)
+    with pytest.raises(ConfigError, match="batch_size must be"):
+        trained_model.generate(features, batch_size=batch_size)
+    with pytest.raises(ConfigError, match="batch_size must be"):
+        trained_model.encode([np.zeros((8, 8, 3), np.uint8)], batch_size=batch_size)
+
+
+def test_feature_rows_are_checked_or_converted(trained_model):
+    width = trained_model.encoder.config.feature_size
+    good = trained_model.encode([np.zeros((16, 16, 3), np.uint8)])
+    assert trained_model.caption(good.half()) == trained_model.caption(good)  # float16 rows are converted
+    for rows, message in ((torch.full((1, width), math.nan), "NaN or infinite"),
+                          (torch.full((1, width), math.inf), "NaN or infinite"),
+                          (torch.zeros(1, width, dtype=torch.long), "floating point"),
+                          (torch.zeros(1, width + 1), "columns")):
+        with pytest.raises(ConfigError, match=message):
+            trained_model.generate(rows)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+CRAFTED_CONFIGS = [
+    (lambda c: c["decoder"].update(hidden_size=4096), "weights do not match config.json: shape of"),
+    (lambda c: c["decoder"].update(hidden_size=10**6), "hidden_size must be between 1 and 8192"),
+    (lambda c: c["decoder"].update(vocab_size=10**7), "vocab_size must be between"),
+    (lambda c: c["decoder"].update(hidden_size=-5), "hidden_size must be between"),
+    (lambda c: c["decoder"].update(hidden_size=0), "hidden_size must be between"),
+    (lambda c: c["decoder"].update(hidden_size="128"), "hidden_size must be an integer"),
+    (lambda c: c["decoder"].update(hidden_size=128.0), "hidden_size must be an integer"),
+    (lambda c: c["decoder"].update(num_layers=100), "num_layers must be between"),
+    (lambda c: c["decoder"].update(dropout=5), "dropout must be between"),
+    (lambda c: c["decoder"].update(surprise=1), "decoder: must be an object of"),
+    (lambda c: c["decoder"].update(feature_size=512), "expects 512-d features"),
+    (lambda c: c["encoder"]["preprocessing"].update(interpolation="foo"), "interpolation must be one of"),
+    (lambda c: c["encoder"]["preprocessing"].update(std=[0, 0, 0]), "std\\[0\\] must be between"),
+    (lambda c: c["encoder"]["preprocessing"].update(mean=[0.5]), "mean must be a list of 3 numbers"),
+    (lambda c: c["encoder"]["preprocessing"].update(crop_size=0), "crop_size must be between"),
+    (lambda c: c["encoder"]["preprocessing"].update(resize_size=60000), "resize_size must be between"),
+    (lambda c: c["encoder"]["preprocessing"].update(crop_size=300, resize_size=256), "crop_size cannot exceed"),
+    (lambda c: c["encoder"].update(feature_size=99), "feature_size of mobilenet_v2 is 1280"),
+    (lambda c: c["encoder"].update(name=["mobilenet_v2"]), "unknown encoder"),
+    (lambda c: c["generation"].update(beam_size=100_000), "beam_size must be between"),
+    (lambda c: c["generation"].update(max_length=10**7), "max_length must be between"),
+    (lambda c: c["generation"].update(temperature=-1), "temperature must be between"),
+    (lambda c: c["generation"].update(unknown=1), "unknown decoding option"),
+    (lambda c: c.update(generation=[1, 2]), "must be an object of decoding options"),
+    (lambda c: c.update(encoder="mobilenet_v2"), "encoder: must be an object"),
+]
+
+
+@pytest.mark.parametrize("change, message", CRAFTED_CONFIGS, ids=[m for _, m in CRAFTED_CONFIGS])
+def test_crafted_config_is_refused_before_anything_is_built(copy, monkeypatch, change, message):
+    edit_config(copy, change)
+    monkeypatch.setattr("captioner.model.Decoder", lambda *a, **k: pytest.fail("built a decoder from a bad config"))
+    monkeypatch.setattr("captioner.model.Encoder", lambda *a, **k: pytest.fail("built an encoder from a bad config"))
+    with pytest.raises(CheckpointError, match=message) as error:
+        Captioner.from_pretrained(copy, device="cpu")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["config.json", "vocab.json"])
+def test_deeply_nested_json_is_refused(copy, name):
+    (copy / name).write_text('{"words": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    with pytest.raises(CheckpointError, match=f"{name}: .*nested too deeply"):
+        Captioner.from_pretrained(copy, device="cpu")
+
+
+@pytest.mark.parametrize("weights", ["../../../../etc/passwd", "payload.dat", "weights.dat", "/etc/hostname",
+                                     "ResNet50_Weights.IMAGENET1K_V1", "file:abc", 42, None])
+def test_encoder_weights_are_an_identity_never_a_path(copy, weights):
+    """A checkpoint cannot make the loader read a file outside it, or any file under a name it chooses."""
+    tensors_only = {"x": torch.zeros(2)}
+    torch.save(tensors_only, copy / "weights.dat")
+    (copy / "payload.dat").write_bytes(b"\x80\x04K\x01.")
+    edit_config(copy, lambda c: c["encoder"].update(weights=weights))
+    with pytest.raises(CheckpointError, match="are not an id of mobilenet_v2 weights"):
+        Captioner.from_pretrained(copy, device="cpu")
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda t: t["output.weight"].fill_(math.nan), "output.weight holds NaN or infinite values"),
+    (lambda t: t["embedding.weight"].fill_(math.inf), "embedding.weight holds NaN or infinite values"),
+    (lambda t: t.update({"output.bias": t["output.bias"].long()}), "output.bias is torch.int64"),
+])
+def test_non_finite_or_non_float_weights_are_refused(copy, corrupt, message):
+    tensors = load_file(str(copy / "model.safetensors"))
+    corrupt(tensors)
+    save_file(tensors, str(copy / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=message):
+        Captioner.from_pretrained(copy, device="cpu")
+
+
+def test_stored_encoder_weights_are_checked_too(copy, trained_model):
+    state = {k: v.clone() for k, v in trained_model.encoder.backbone.state_dict().items()}
+    state["features.0.0.weight"].fill_(math.nan)
+    save_file(state, str(copy / "encoder.safetensors"))
+    with pytest.raises(CaptionerError, match="features.0.0.weight holds NaN"):
+        Captioner.from_pretrained(copy, device="cpu")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6)
+FIELDS = {"generation": ["strategy", "beam_size", "num_return_sequences", "max_length", "min_length", "length_penalty",
+                         "no_repeat_ngram_size", "suppress_unk", "temperature", "top_k", "top_p", "seed"],
+          "decoder": ["embed_size", "hidden_size", "num_layers", "dropout", "input_dropout", "vocab_size"],
+          "encoder": ["name", "weights", "feature_size", "preprocessing"]}
+
+
+@settings(max_examples=60 if IN_CI else 30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(section=st.sampled_from(sorted(FIELDS)), data=st.data(), value=JSON_VALUES)
+def test_fuzzed_config_loads_or_raises_a_captioner_error(checkpoint_dir, tmp_path_factory, section, data, value):
+    target = tmp_path_factory.mktemp("fuzz") / "model"
+    shutil.copytree(checkpoint_dir, target)
+    key = data.draw(st.sampled_from(FIELDS[section]))
+    edit_config(target, lambda c: c[section].update({key: value}))
+    try:
+        model = Captioner.from_pretrained(target, device="cpu")
+    except CaptionerError as error:
+        assert "\n" not in str(error)
+    else:
+        assert isinstance(model.caption(torch.zeros(1, model.encoder.config.feature_size)), str)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+@pytest.fixture()
+def bad_and_good(tmp_path, synthetic) -> list[Path]:
+    thin, text, long_name = tmp_path / "thin.png", tmp_path / "text.png", tmp_path / ("y" * 300 + ".png")
+    Image.new("RGB", (20000, 1)).save(thin)
+    png_with_text_chunk(text, 50_000_000)
+    good = sorted((synthetic / "images").glob("test_*.png"))[0]
+    return [text, long_name, thin, good]
+
+
+def test_cli_reports_and_skips_unreadable_files(checkpoint_dir, bad_and_good):
+    text, long_name, thin, good = bad_and_good
+    result = run("-m", "captioner", "caption", "--model", str(checkpoint_dir), *map(str, bad_and_good))
+    errors = one_line_error(result, status=1)
+    assert "text.png: truncated or corrupt" in errors and "File name too long" in errors
+    assert "2 of 4 images could not be captioned" in errors
+    captioned = [line.split("\t")[0] for line in result.stdout.splitlines()]
+    assert captioned == [str(thin), str(good)]
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or shutil.which("setpriv") is None, reason="needs setpriv")
+def test_cli_skips_a_file_without_read_permission(checkpoint_dir, synthetic, tmp_path):
+    locked = tmp_path / "locked.png"
+    shutil.copy(sorted((synthetic / "images").glob("test_*.png"))[1], locked)
+    locked.chmod(0)
+    good = sorted((synthetic / "images").glob("test_*.png"))[0]
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.getuid() == 0 else []
+    result = subprocess.run([*prefix, sys.executable, "-m", "captioner", "caption", "--model", str(checkpoint_dir),
+                             str(locked), str(good)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert "locked.png: cannot read (Permission denied)" in one_line_error(result, status=1)
+    assert result.stdout.startswith(f"{good}\t")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "-1"], "batch_size must be between 1 and 4096, not -1"),
+    (["--batch-size", "0"], "batch_size must be between 1 and 4096, not 0"),
+    (["--beam-size", "200000"], "beam_size must be between 1 and 64"),
+    (["--temperature", "inf", "--strategy", "sample"], "temperature must be a finite number"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+    (["--device", "banana"], "unknown device 'banana'"),
+])
+def test_cli_usage_mistakes_exit_2_before_any_work(checkpoint_dir, synthetic, args, message):
+    good = sorted((synthetic / "images").glob("test_*.png"))[0]
+    result = run("-m", "captioner", "caption", "--model", str(checkpoint_dir), str(good), *args)
+    assert message in one_line_error(result) and result.stdout == ""
+
+
+def test_cli_missing_path_is_a_usage_mistake(checkpoint_dir, tmp_path):
+    result = run("-m", "captioner", "caption", "--model", str(checkpoint_dir), str(tmp_path / "nope.jpg"))
+    assert "nope.jpg: no such file or folder" in one_line_error(result)
+
+
+def test_evaluate_with_a_bad_batch_size_exits_at_once(checkpoint_dir, synthetic):
+    result = run("-m", "captioner", "evaluate", "--model", str(checkpoint_dir), "--images", str(synthetic / "images"),
+                 "--captions", str(synthetic / "test.json"), "--batch-size", "-1", timeout=120)
+    assert "batch_size must be between" in one_line_error(result)
+
+
+@pytest.mark.parametrize("entry", ["app.py", "train.py"])
+def test_unavailable_device_is_one_line_in_every_entry_point(entry, synthetic, tmp_path):
+    device = "tpu" if torch.cuda.is_available() else "cuda"
+    args = [] if entry == "app.py" else ["--images", str(synthetic / "images"), "--train-captions",
+                                         str(synthetic / "train.json"), "--out", str(tmp_path / "run")]
+    result = run(entry, *args, "--device", device, timeout=120)
+    assert "device" in one_line_error(result)

@@ -89,6 +89,31 @@ def test_api_reports_bad_uploads_and_keeps_serving(client, synthetic, tmp_path):
     assert client.predict(handle_file(str(good)), api_name="/caption")[0]
 
 
+def test_api_sees_the_original_upload_like_the_python_api(client, trained_model, tmp_path):
+    """A 16-bit greyscale PNG: Gradio's own preprocessing would re-encode it (all white); ours reads the file."""
+    import numpy as np
+    from gradio_client import handle_file
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(0, 65535, 64, dtype=np.uint16), (64, 1))
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    assert client.predict(handle_file(str(path)), api_name="/caption")[0] == trained_model.caption(path)
+
+
+def test_api_errors_name_the_upload_not_the_server_paths(client, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    bad = tmp_path / "holiday.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with pytest.raises(AppError) as error:
+        client.predict(handle_file(str(bad)), api_name="/caption")
+    message = str(error.value)
+    assert "holiday.png" in message and str(ROOT) not in message and "/tmp" not in message
+
+
 def test_api_accepts_decoding_options(client, synthetic):
     from gradio_client import handle_file
 

@@ -16,6 +16,8 @@ from captioner.webapp import caption_photo
 from conftest import ROOT, need
 from synthetic import png_header
 
+pytestmark = pytest.mark.slow  # trains models or runs subprocesses: `pytest -m "not slow"` skips them
+
 CHROMIUM = "/usr/bin/chromium"
 
 

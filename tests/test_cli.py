@@ -13,6 +13,8 @@ import torch
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # trains models or runs subprocesses: `pytest -m "not slow"` skips them
+
 
 def captioner(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "captioner", *args], cwd=cwd, capture_output=True, text=True,

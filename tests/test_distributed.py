@@ -7,10 +7,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # trains models or runs subprocesses: `pytest -m "not slow"` skips them
 
 
 def _args(synthetic, out, cache, epochs=2):

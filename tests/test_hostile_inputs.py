@@ -116,6 +116,7 @@ def peak_memory_mb(code: str) -> float:
     return float(result.stdout.split("PEAK")[-1])
 
 
+@pytest.mark.slow
 def test_worst_thin_image_and_widest_options_stay_within_memory(tmp_path):
     """200000x2 pixels would need ~26 GB resized naively; the bundled model with the largest allowed
     beam, n-best and length must stay near its usual footprint."""
@@ -303,6 +304,7 @@ def bad_and_good(tmp_path, synthetic) -> list[Path]:
     return [text, long_name, thin, good]
 
 
+@pytest.mark.slow
 def test_cli_reports_and_skips_unreadable_files(checkpoint_dir, bad_and_good):
     text, long_name, thin, good = bad_and_good
     result = run("-m", "captioner", "caption", "--model", str(checkpoint_dir), *map(str, bad_and_good))
@@ -313,6 +315,7 @@ def test_cli_reports_and_skips_unreadable_files(checkpoint_dir, bad_and_good):
     assert captioned == [str(thin), str(good)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "getuid") or shutil.which("setpriv") is None, reason="needs setpriv")
 def test_cli_skips_a_file_without_read_permission(checkpoint_dir, synthetic, tmp_path):
     locked = tmp_path / "locked.png"
@@ -326,6 +329,7 @@ def test_cli_skips_a_file_without_read_permission(checkpoint_dir, synthetic, tmp
     assert result.stdout.startswith(f"{good}\t")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--batch-size", "-1"], "batch_size must be between 1 and 4096, not -1"),
     (["--batch-size", "0"], "batch_size must be between 1 and 4096, not 0"),
@@ -340,17 +344,20 @@ def test_cli_usage_mistakes_exit_2_before_any_work(checkpoint_dir, synthetic, ar
     assert message in one_line_error(result) and result.stdout == ""
 
 
+@pytest.mark.slow
 def test_cli_missing_path_is_a_usage_mistake(checkpoint_dir, tmp_path):
     result = run("-m", "captioner", "caption", "--model", str(checkpoint_dir), str(tmp_path / "nope.jpg"))
     assert "nope.jpg: no such file or folder" in one_line_error(result)
 
 
+@pytest.mark.slow
 def test_evaluate_with_a_bad_batch_size_exits_at_once(checkpoint_dir, synthetic):
     result = run("-m", "captioner", "evaluate", "--model", str(checkpoint_dir), "--images", str(synthetic / "images"),
                  "--captions", str(synthetic / "test.json"), "--batch-size", "-1", timeout=120)
     assert "batch_size must be between" in one_line_error(result)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ["app.py", "train.py"])
 def test_unavailable_device_is_one_line_in_every_entry_point(entry, synthetic, tmp_path):
     device = "tpu" if torch.cuda.is_available() else "cuda"

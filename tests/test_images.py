@@ -120,7 +120,6 @@ def test_decompression_bomb_refused_from_header(tmp_path):
     path.write_bytes(bomb)
     with pytest.raises(ImageError, match=f"above the limit of {MAX_IMAGE_PIXELS:,}"):
         load_image(path)
-    assert 20000 * 20000 > MAX_IMAGE_PIXELS
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -32,8 +32,13 @@ def test_java_scorers_present_when_java_is(monkeypatch):
 
 def test_fallback_without_java(monkeypatch, caplog):
     monkeypatch.setattr(metrics, "java_available", lambda: False)
-    scores = score_captions({k: v[0] for k, v in REFS.items()}, REFS)
+    monkeypatch.setattr(metrics._warn_no_java, "done", False, raising=False)
+    with caplog.at_level("WARNING", logger="captioner.metrics"):
+        scores = score_captions({k: v[0] for k, v in REFS.items()}, REFS)
+        score_captions({k: v[0] for k, v in REFS.items()}, REFS)
     assert "METEOR" not in scores and scores["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
+    warnings = [r for r in caplog.records if "Java" in r.getMessage()]
+    assert len(warnings) == 1, "the missing-Java warning is given once, not per call"
     assert fallback_tokenize("A dog's ball, (red)!") == "a dog 's ball red"
 
 

@@ -98,6 +98,7 @@ def _train_command(synthetic, out, cache, epochs):
             "--device", "cpu", "--min-word-count", "1", "--quiet"]
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_then_resume(synthetic, tmp_path):
     """Kill a real training process twice at different moments; resuming ends with the same model as a run
     that was never interrupted, and the log lists every epoch once."""

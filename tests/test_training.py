@@ -16,6 +16,8 @@ from captioner.decoder import Decoder, DecoderConfig
 from captioner.training import dropout_off, train
 from conftest import ROOT, synthetic_config
 
+pytestmark = pytest.mark.slow  # trains models or runs subprocesses: `pytest -m "not slow"` skips them
+
 
 def test_training_learns_to_caption_held_out_images(trained_model, synthetic):
     records, _ = load_captions(synthetic / "test.json", synthetic / "images")

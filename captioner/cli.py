@@ -185,14 +185,14 @@ def _caption(args: argparse.Namespace) -> int:
     if not files:
         raise ConfigError("no images found in the given paths")
     model = Captioner.from_pretrained(args.model, device=args.device)
-    model.generation_config.updated(**options)  # reject bad combinations before any work
+    config = model.generation_config.updated(**options)  # bad combinations fail before any work
     failures = 0
     with tqdm(total=len(files), unit="image", disable=len(files) < 10 or not sys.stderr.isatty()) as bar:
         for start in range(0, len(files), args.batch_size):
             chunk = files[start:start + args.batch_size]
             good, features = _encode_readable(model, chunk)
             failures += len(chunk) - len(good)
-            results = model.generate(features, **options) if good else []
+            results = model.generate(features, config) if good else []
             for path, captions in zip(good, results):
                 if args.json:
                     print(json.dumps({"file": str(path), "captions": [

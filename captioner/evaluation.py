@@ -20,10 +20,11 @@ def evaluate(images: str | os.PathLike, captions: str | os.PathLike, model: Capt
     """
     if not isinstance(model, Captioner):
         model = Captioner.from_pretrained(model, device=device)
+    config = model.generation_config.updated(**options)  # bad options fail before the long encoding
     records, _ = load_captions(captions, images, split)
     started = time.perf_counter()
     features = model.encode([r.path for r in records])
-    generated = model.generate(features, batch_size=batch_size, **options)
+    generated = model.generate(features, config, batch_size=batch_size)
     seconds = time.perf_counter() - started
     predictions = {i: result[0].text for i, result in enumerate(generated)}
     scores = score_captions(predictions, {i: r.captions for i, r in enumerate(records)}, metrics)

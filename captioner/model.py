@@ -186,14 +186,18 @@ class Captioner(nn.Module):
             chunks.append(self.encoder(pixels[start:start + batch_size].to(self.device)))
         return torch.cat(chunks)
 
-    def generate(self, inputs: Inputs, batch_size: int = 32, **options) -> list[list[Caption]]:
+    def generate(self, inputs: Inputs, generation_config: GenerationConfig | None = None, batch_size: int = 32,
+                 **options) -> list[list[Caption]]:
         """Captions for each image (or feature row): a list of ``num_return_sequences`` per image.
 
-        Options (``strategy``, ``beam_size``, ``num_return_sequences``, ``max_length``, ``temperature``,
-        ``top_k``, ``top_p``, ``length_penalty``, ...) default to the model's generation config.
-        Images are processed ``batch_size`` at a time, so memory stays bounded for long lists.
+        Decoding follows ``generation_config`` (default: the model's own), with any ``options``
+        (``strategy``, ``beam_size``, ``num_return_sequences``, ``max_length``, ``temperature``, ``top_k``,
+        ``top_p``, ``length_penalty``, ...) applied on top. Images are processed ``batch_size`` at a time,
+        so memory stays bounded for long lists.
         """
-        config = self.generation_config.updated(**options)
+        config = generation_config or self.generation_config
+        if options:
+            config = config.updated(**options)
         batch_size = check_batch_size(batch_size)
         results: list[list[Caption]] = []
         for features in self._feature_batches(inputs, batch_size):

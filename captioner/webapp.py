@@ -19,7 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
-from .errors import CaptionerError  # noqa: E402
+from .errors import CaptionerError, ConfigError  # noqa: E402
 from .model import Captioner  # noqa: E402
 from .runtime import EXAMPLES_DIR  # noqa: E402
 
@@ -66,20 +66,19 @@ def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam sea
     if image is None:
         raise gr.Error("no image: upload, paste, drop or take a photo first")
     mode = STRATEGY_LABELS.get(strategy, strategy)
-    beam_size = int(beam_size or model.generation_config.beam_size)
-    max_length = int(max_length or model.generation_config.max_length)
-    num_captions = int(num_captions)
-    options = dict(strategy=mode, max_length=max_length,
-                   num_return_sequences=1 if mode == "greedy" else num_captions)
-    if mode == "beam":
-        options["beam_size"] = max(beam_size, num_captions)
-    if mode == "sample":
-        options.update(temperature=float(temperature), seed=seed)
     try:
+        num_captions = _whole(num_captions, "num_captions")
+        options = dict(strategy=mode, max_length=_whole(max_length, "max_length"),
+                       num_return_sequences=1 if mode == "greedy" else num_captions)
+        if mode == "beam":  # the beam is raised to the number of captions asked for
+            options["beam_size"] = max(_whole(beam_size, "beam_size") or model.generation_config.beam_size, num_captions)
+        if mode == "sample":
+            options.update(temperature=temperature, seed=_whole(seed, "seed"))
+        config = model.generation_config.updated(**options)  # None keeps the model's own setting
         started = time.perf_counter()
         features = model.encode([image])
         encoded = time.perf_counter()
-        captions = model.generate(features, **options)[0]
+        captions = model.generate(features, config)[0]
         finished = time.perf_counter()
     except CaptionerError as exc:  # name the upload, not where the server keeps it
         raise gr.Error(str(exc).replace(str(image), Path(image).name).replace(os.getcwd(), ".")) from None
@@ -90,6 +89,15 @@ def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam sea
               f"decoder {(finished - encoded) * 1000:.0f} ms ({mode}, {model.encoder.config.name}, "
               f"{model.device.type})")
     return best.text, rows, words, timing
+
+
+def _whole(value, name: str) -> int | None:
+    """Sliders send numbers as floats (3.0): accept whole ones as ints; the bounds are the config's."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{name} must be a whole number, not {str(value)[:20]!r}")
 
 
 def build_demo(model: Captioner) -> gr.Blocks:

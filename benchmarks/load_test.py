@@ -102,7 +102,7 @@ def main() -> int:
                 time.sleep(0.5)
         print(f"server up in {time.time() - started:.1f} s, {current_memory_mb(server.pid):.0f} MB resident")
         images = photos(args.requests)
-        expected = {p: caption_photo(model, str(p))[0] for p in set(images)}
+        expected = {p: caption_photo(model, str(p)).best for p in set(images)}
 
         def call(path: Path):
             client = Client(url, verbose=False)
@@ -133,7 +133,7 @@ def main() -> int:
             bad_answers = [r for p, r, _ in mixed if p in bad]
             good_answers = [(p, r) for p, r, _ in mixed if p not in bad]
             refused = sum(isinstance(r, Exception) for r in bad_answers)
-            correct = sum(r == expected.get(p) or r == caption_photo(model, str(p))[0] for p, r in good_answers)
+            correct = sum(r == expected.get(p) or r == caption_photo(model, str(p)).best for p, r in good_answers)
             print(f"mixed burst: {refused}/{len(bad_answers)} corrupt uploads refused with an error, "
                   f"{correct}/{len(good_answers)} good photos captioned correctly")
             if refused != len(bad_answers) or correct != len(good_answers):

@@ -277,6 +277,35 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- demo
+def _demo_parser(sub) -> None:
+    parser = sub.add_parser("demo", help="serve the Gradio web demo", parents=[_common()],
+                            description="Serve the web demo on 127.0.0.1:7860 unless --host/--port or "
+                                        "GRADIO_SERVER_NAME/GRADIO_SERVER_PORT say otherwise.")
+    parser.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    parser.add_argument("--host", help="interface to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
+    parser.set_defaults(handler=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .runtime import pick_device
+
+    pick_device(args.device)
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be between 1 and 65535, not {args.port}")
+    from .webapp import launch
+
+    launch(args.model, args.host, args.port, args.device)
+    return 0
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    """``python app.py ...`` = ``captioner demo ...``."""
+    return main(["demo", *(sys.argv[1:] if argv is None else argv)])
+
+
 # ---------------------------------------------------------------------------------------- main
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -291,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     _caption_parser(sub)
     _evaluate_parser(sub)
     _export_parser(sub)
+    _demo_parser(sub)
     return parser
 
 

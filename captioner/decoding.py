@@ -12,6 +12,7 @@ words plus ``<end>``).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import NamedTuple
 
@@ -22,6 +23,8 @@ from .decoder import Decoder
 from .bounds import check_fields, option
 from .errors import ConfigError
 from .vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
+
+log = logging.getLogger(__name__)
 
 STRATEGIES = ("beam", "greedy", "sample")
 
@@ -55,6 +58,12 @@ class GenerationConfig:
     seed: int | None = option(None, "random seed for sampling", range=(0, 2**63 - 1))
 
     def __post_init__(self) -> None:
+        check_fields(self, ConfigError)
+        if self.strategy == "beam" and self.num_return_sequences > self.beam_size:
+            # An n-best list needs as many beams: raised here, the same in the API, the CLI and the app.
+            log.info("beam_size raised from %d to %d to return %d captions", self.beam_size,
+                     self.num_return_sequences, self.num_return_sequences)
+            self.beam_size = self.num_return_sequences
         self.validate()
 
     def updated(self, **options) -> "GenerationConfig":

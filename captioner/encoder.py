@@ -336,13 +336,22 @@ def build_classifier(name: str, state_dict: dict | None, source: str = "encoder 
 
 
 class Encoder(nn.Module):
-    """Backbone without its classifier: images ``(B, 3, H, W)`` -> features ``(B, feature_size)``."""
+    """Backbone without its classifier: images ``(B, 3, H, W)`` -> features ``(B, feature_size)``.
+
+    The ImageNet classifier head is kept beside the backbone (``head``, 1.3 M parameters for MobileNetV2)
+    when the weights carry it, so :meth:`classify` can say what the CNN recognises from the very pooled
+    feature the decoder reads: the labels come from ImageNet, not from the caption model.
+    """
 
     def __init__(self, config: EncoderConfig, state_dict: dict | None = None, source: str = "encoder weights"):
         super().__init__()
         self.config = config
+        spec = backbone_spec(config.name)
         self.backbone = build_classifier(config.name, state_dict, source)
-        setattr(self.backbone, backbone_spec(config.name).head, nn.Identity())
+        has_head = state_dict is not None and any(k.startswith(spec.head + ".") for k in state_dict)
+        self.head: nn.Module | None = getattr(self.backbone, spec.head) if has_head else None
+        setattr(self.backbone, spec.head, nn.Identity())
+        self.labels: list[str] = list(spec.weights.meta["categories"]) if has_head else []
         self.preprocess = config.preprocessing.transform()
 
     @classmethod
@@ -358,3 +367,20 @@ class Encoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.backbone(pixels)
+
+    def weights_state_dict(self) -> dict[str, torch.Tensor]:
+        """All weights in torchvision's own names (backbone and ImageNet head), as ``encoder.safetensors`` holds them."""
+        state = dict(self.backbone.state_dict())
+        if self.head is not None:
+            head = backbone_spec(self.config.name).head
+            state.update({f"{head}.{k}": v for k, v in self.head.state_dict().items()})
+        return state
+
+    def classify(self, features: torch.Tensor, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """The ImageNet head's ``top_k`` labels and probabilities for pooled features ``(N, feature_size)``."""
+        if self.head is None:
+            return [[] for _ in range(len(features))]
+        probabilities = self.head(features.to(next(self.head.parameters()).dtype)).softmax(-1)
+        values, indices = probabilities.topk(min(top_k, len(self.labels)), -1)
+        return [[(self.labels[i], round(float(p), 4)) for p, i in zip(row_p, row_i)]
+                for row_p, row_i in zip(values.tolist(), indices.tolist())]

@@ -153,7 +153,7 @@ class Captioner(nn.Module):
                 weights = {k: v.half() for k, v in weights.items()}
             checkpoint.save_tensors(weights, directory / checkpoint.MODEL_FILE)
             if self.encoder.config.weights.stored:
-                checkpoint.save_tensors(self.encoder.backbone.state_dict(), directory / checkpoint.ENCODER_FILE)
+                checkpoint.save_tensors(self.encoder.weights_state_dict(), directory / checkpoint.ENCODER_FILE)
             for name, writer in (extra_files or {}).items():
                 writer(directory / name)
         return Path(path)
@@ -208,6 +208,17 @@ class Captioner(nn.Module):
         """The best caption: a ``str`` for one image, a ``list[str]`` for a list (or feature batch)."""
         texts = [captions[0].text for captions in self.generate(images, **options)]
         return texts if _is_batch(images) else texts[0]
+
+    @torch.inference_mode()
+    def classify(self, inputs: Inputs, top_k: int = 5) -> list[list[tuple[str, float]]] | list[tuple[str, float]]:
+        """What the CNN recognises: its ImageNet head's ``top_k`` ``(label, probability)`` pairs per image.
+
+        The labels come from ImageNet, not from the caption model; empty when the encoder's weights carry
+        no ImageNet head. Accepts images or ``encode()`` features, like ``generate``.
+        """
+        top_k = check_value("top_k", top_k, "int", (1, 1000))
+        results = [row for features in self._feature_batches(inputs, 64) for row in self.encoder.classify(features, top_k)]
+        return results if _is_batch(inputs) else results[0]
 
     @torch.inference_mode()
     def score(self, images: Inputs, captions: str | Sequence[str]) -> float | list[float]:

@@ -9,9 +9,11 @@ endpoint ``/caption`` returns the best caption as its first output.
 
 from __future__ import annotations
 
+import html
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -21,13 +23,20 @@ import torch  # noqa: E402
 
 from .errors import CaptionerError, ConfigError  # noqa: E402
 from .model import Captioner  # noqa: E402
-from .runtime import EXAMPLES_DIR  # noqa: E402
+from .runtime import ASSETS, EXAMPLES_DIR  # noqa: E402
 
 
 MAX_FILE_SIZE = "20mb"
 CONCURRENCY_LIMIT = 2  # requests decoded at once; the rest wait in the queue
 QUEUE_SIZE = 64  # waiting requests beyond this are refused rather than piling up in memory
 STRATEGY_LABELS = {"Beam search": "beam", "Greedy": "greedy", "Sampling": "sample"}
+TOP_LABELS = 5
+EXAMPLES = {"skier.jpg": "skier", "aerial-skier.jpg": "freestyle skier", "dog-frisbee.jpg": "dog and frisbee",
+            "skateboarder.jpg": "skateboarder", "bus.jpg": "bus (out of domain)"}
+ABOUT_MODEL = ("**The bundled model was trained on Flickr8k: 8,000 photos of people and dogs outdoors.** It "
+               "describes such scenes well and other scenes poorly (kitchens, vehicles, food); the CNN's ImageNet "
+               "labels below show what the image model recognises even then. See the model card below.")
+MODEL_CARD = ASSETS / "MODEL_CARD.md"
 CACHE_CLEANUP = (300, 900)  # every 5 minutes, delete uploads older than 15 minutes (non-images included)
 # Plain system fonts: the default theme would fetch Google Fonts, which an offline machine cannot.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -55,13 +64,24 @@ def original_upload(component: gr.Image) -> gr.Image:
     return component
 
 
+@dataclass
+class PhotoResult:
+    """One photo's captions, ready for the page and the API."""
+
+    best: str
+    rows: list[list[str]]  # n-best: caption, share of the n-best mass, mean per-word probability
+    words: list[tuple[str, float]]  # the best caption's words (and <end>) with their probabilities
+    labels: dict[str, float]  # the CNN's top ImageNet labels
+    timing: str
+
+
 def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam search", beam_size: int | None = None,
                   temperature: float = 1.0, num_captions: int = 3, max_length: int | None = None,
-                  seed: int | None = None):
-    """Caption one uploaded image for the UI and the API (the UI's defaults are these defaults).
+                  seed: int | None = None) -> PhotoResult:
+    """Caption one uploaded image for the page and the API (the page's defaults are these defaults).
 
-    ``beam_size`` and ``max_length`` default to the model's own decoding settings. Returns ``(best
-    caption, n-best rows, per-word confidences, timing text)``.
+    ``beam_size`` and ``max_length`` default to the model's own decoding settings; beam search widens the
+    beam to the number of captions asked for. Bad input raises ``gr.Error`` with one line naming the upload.
     """
     if image is None:
         raise gr.Error("no image: upload, paste, drop or take a photo first")
@@ -70,8 +90,8 @@ def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam sea
         num_captions = _whole(num_captions, "num_captions")
         options = dict(strategy=mode, max_length=_whole(max_length, "max_length"),
                        num_return_sequences=1 if mode == "greedy" else num_captions)
-        if mode == "beam":  # the beam is raised to the number of captions asked for
-            options["beam_size"] = max(_whole(beam_size, "beam_size") or model.generation_config.beam_size, num_captions)
+        if mode == "beam":
+            options["beam_size"] = _whole(beam_size, "beam_size")
         if mode == "sample":
             options.update(temperature=temperature, seed=_whole(seed, "seed"))
         config = model.generation_config.updated(**options)  # None keeps the model's own setting
@@ -80,15 +100,33 @@ def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam sea
         encoded = time.perf_counter()
         captions = model.generate(features, config)[0]
         finished = time.perf_counter()
+        labels = model.classify(features, TOP_LABELS)[0]
     except CaptionerError as exc:  # name the upload, not where the server keeps it
         raise gr.Error(str(exc).replace(str(image), Path(image).name).replace(os.getcwd(), ".")) from None
+    # Shares of the n-best mass and per-word probabilities: numbers a person can read, unlike a whole
+    # caption's probability (about 1e-5). Rows are ordered by share, the order of the model's likelihood.
+    top = max(c.log_prob for c in captions)
+    mass = [math.exp(c.log_prob - top) for c in captions]
+    ranked = sorted(zip(captions, mass), key=lambda pair: -pair[1])
+    rows = [[c.text, f"{m / sum(mass):.0%}", f"{math.exp(c.log_prob / max(1, len(c.token_log_probs))):.0%}"]
+            for c, m in ranked]
     best = captions[0]
-    rows = [[c.text, round(c.log_prob, 3), f"{math.exp(c.log_prob):.2%}"] for c in captions]
-    words = [(token + " ", round(math.exp(lp), 3)) for token, lp in zip(best.tokens, best.token_log_probs)]
+    words = [(token, math.exp(lp)) for token, lp in zip([*best.tokens, "<end>"], best.token_log_probs)]
+    beam = f", beam {config.beam_size}" if mode == "beam" else ""
     timing = (f"{(finished - started) * 1000:.0f} ms: encoder {(encoded - started) * 1000:.0f} ms, "
-              f"decoder {(finished - encoded) * 1000:.0f} ms ({mode}, {model.encoder.config.name}, "
+              f"decoder {(finished - encoded) * 1000:.0f} ms ({mode}{beam}, {model.encoder.config.name}, "
               f"{model.device.type})")
-    return best.text, rows, words, timing
+    return PhotoResult(best.text, rows, words, dict(labels), timing)
+
+
+def words_html(words: list[tuple[str, float]]) -> str:
+    """The best caption with each word shaded by its probability (0 to 1) and the value written under it."""
+    spans = "".join(
+        f'<span class="word" title="p = {p:.3f}" style="background: rgba(34, 139, 34, {0.12 + 0.6 * p:.2f})">'
+        f'{html.escape(w)}<small>{p:.0%}</small></span>' for w, p in words)
+    legend = ('<div class="legend"><span style="background: rgba(34,139,34,0.12)">0%</span>'
+              '<span style="background: rgba(34,139,34,0.72)">100%</span> probability of each word</div>')
+    return f'<div class="title">Probability of each word</div><div class="words">{spans}</div>{legend}'
 
 
 def _whole(value, name: str) -> int | None:
@@ -100,11 +138,31 @@ def _whole(value, name: str) -> int | None:
     raise ConfigError(f"{name} must be a whole number, not {str(value)[:20]!r}")
 
 
-def build_demo(model: Captioner) -> gr.Blocks:
-    examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
+CSS = """
+#word-confidence .words { display: flex; flex-wrap: wrap; gap: 6px; font-size: 1.1em; }
+#word-confidence .word { display: inline-flex; flex-direction: column; align-items: center; padding: 2px 6px;
+                         border-radius: 4px; }
+#word-confidence .word small { font-size: 0.7em; opacity: 0.8; }
+#word-confidence .legend { margin-top: 6px; font-size: 0.8em; }
+#word-confidence .title { font-size: 0.85em; opacity: 0.75; margin-bottom: 4px; }
+#word-confidence .legend span { padding: 0 6px; margin-right: 4px; border-radius: 3px; }
+#status p { color: #b91c1c; font-weight: 600; }
+"""
+
+
+def _controls(strategy: str):
+    """Show only the controls that apply: beam size for beam search, temperature for sampling, and the
+    number of captions for both (greedy decoding gives one)."""
+    mode = STRATEGY_LABELS.get(strategy, strategy)
+    return gr.update(visible=mode == "beam"), gr.update(visible=mode == "sample"), gr.update(visible=mode != "greedy")
+
+
+def build_demo(model: Captioner, bundled: bool = True) -> gr.Blocks:
+    """The page; ``bundled`` says the model is the bundled one, whose training data and card it names."""
+    examples = [str(EXAMPLES_DIR / name) for name in EXAMPLES if (EXAMPLES_DIR / name).is_file()]
     with gr.Blocks(title="captioner", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown("# captioner\nShow-and-Tell image captioning: a CNN encodes the photo, an LSTM writes "
-                    "the caption word by word.")
+                    "the caption word by word." + ("\n\n" + ABOUT_MODEL if bundled else ""))
         with gr.Row():
             with gr.Column():
                 image = original_upload(gr.Image(type="filepath", image_mode=None, label="Photo", height=360,
@@ -113,26 +171,53 @@ def build_demo(model: Captioner) -> gr.Blocks:
                 with gr.Accordion("Decoding", open=False):
                     strategy = gr.Radio(list(STRATEGY_LABELS), value="Beam search", label="Strategy")
                     beam_size = gr.Slider(1, 10, value=model.generation_config.beam_size, step=1,
-                                          label="Beam size (raised to the number of captions)")
-                    temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.1, label="Temperature (sampling)")
+                                          label="Beam size (widened to the number of captions)")
+                    temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.1, label="Temperature", visible=False)
                     num_captions = gr.Slider(1, 5, value=3, step=1, label="Number of captions")
                     max_length = gr.Slider(5, 30, value=model.generation_config.max_length, step=1,
                                            label="Maximum length (words)")
                 if examples:
-                    gr.Examples(examples, inputs=image, label="Examples (COCO photos, CC BY / CC BY-SA)")
+                    gr.Examples(examples, inputs=image, example_labels=[EXAMPLES[Path(p).name] for p in examples],
+                                label="Examples (COCO photos, CC BY / CC BY-SA): click one to caption it")
             with gr.Column():
+                status = gr.Markdown(elem_id="status")
                 best = gr.Textbox(label="Caption", elem_id="best-caption", interactive=False, lines=2)
-                words = gr.HighlightedText(label="Confidence per word (probability of each word)",
-                                           show_legend=True, elem_id="word-confidence")
-                nbest = gr.Dataframe(headers=["caption", "log-probability", "probability"],
-                                     label="All captions", interactive=False, elem_id="nbest")
-                timing = gr.Markdown(elem_id="timing")
+                words = gr.HTML(label="Probability of each word", elem_id="word-confidence")
+                nbest = gr.Dataframe(headers=["caption", "share", "per word"], label="All captions, most likely "
+                                     "first (share of the list's probability; mean probability per word)",
+                                     interactive=False, wrap=True, column_widths=["70%", "15%", "15%"],
+                                     elem_id="nbest")
+                labels = gr.Label(num_top_classes=TOP_LABELS, label="What the CNN sees (ImageNet labels, "
+                                  "not the caption model)", elem_id="cnn-labels")
+                timing = gr.Markdown(elem_id="timing", label="timing")
+        if bundled and MODEL_CARD.is_file():
+            with gr.Accordion("Model card of the bundled model", open=False):
+                gr.Markdown(MODEL_CARD.read_text(encoding="utf-8"))
+        word_data = gr.JSON(visible=False, label="words")
+        settings = [strategy, beam_size, temperature, num_captions, max_length]
 
-        def run(image, strategy, beam_size, temperature, num_captions, max_length):
-            return caption_photo(model, image, strategy, beam_size, temperature, num_captions, max_length)
+        def api(image, strategy, beam_size, temperature, num_captions, max_length):
+            result = caption_photo(model, image, strategy, beam_size, temperature, num_captions, max_length)
+            return (result.best, result.rows, [{"token": w, "probability": round(p, 4)} for w, p in result.words],
+                    result.labels, result.timing)
 
-        button.click(run, [image, strategy, beam_size, temperature, num_captions, max_length],
-                     [best, nbest, words, timing], api_name="caption")
+        def page(image, *values):
+            """The page's events: errors stay on the page (in red, above the results) instead of a passing toast."""
+            if image is None:  # the photo was cleared
+                return "", "", "", None, None, ""
+            try:
+                result = caption_photo(model, image, *values)
+            except gr.Error as error:
+                return f"**{error.message}**", "", "", None, None, ""
+            return "", result.best, words_html(result.words), result.rows, result.labels, result.timing
+
+        api_button = gr.Button(visible=False)
+        api_button.click(api, [image, *settings], [best, nbest, word_data, labels, timing], api_name="caption")
+        page_outputs = [status, best, words, nbest, labels, timing]
+        # One click: a new photo (upload, paste, webcam or example) is captioned at once; the button re-runs.
+        for event in (button.click, image.change):
+            event(page, [image, *settings], page_outputs, api_visibility="private")
+        strategy.change(_controls, strategy, [beam_size, temperature, num_captions], api_visibility="private")
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
     return demo
 
@@ -142,9 +227,9 @@ def launch(model_dir: str | None = None, host: str | None = None, port: int | No
     """Load the model once, then serve the demo (127.0.0.1:7860 unless told otherwise)."""
     torch.set_grad_enabled(False)
     model = Captioner.from_pretrained(model_dir, device=device)
-    demo = build_demo(model)
+    demo = build_demo(model, bundled=model_dir is None)
     demo.launch(server_name=host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                 server_port=int(port or os.environ.get("GRADIO_SERVER_PORT", 7860)), share=False,
-                max_file_size=MAX_FILE_SIZE, show_error=True, theme=THEME, ssr_mode=False,
+                max_file_size=MAX_FILE_SIZE, show_error=True, theme=THEME, css=CSS, ssr_mode=False,
                 footer_links=["api"], allowed_paths=[str(EXAMPLES_DIR)], prevent_thread_lock=not block)
     return demo

@@ -27,13 +27,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(trained_model, tmp_path_factory):
-    model_dir = trained_model.save_pretrained(tmp_path_factory.mktemp("app") / "model")
+def serve(args: list[str], tmp_path_factory):
+    """Run `python app.py ARGS` on a free port until the module's tests are done; yield its URL."""
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_PORT": str(port)}
     log = open(tmp_path_factory.mktemp("app-log") / "server.log", "w+")
-    process = subprocess.Popen([sys.executable, "app.py", "--model", str(model_dir)], cwd=ROOT, env=env,
+    process = subprocess.Popen([sys.executable, "app.py", *args], cwd=ROOT, env=env,
                                stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
@@ -57,6 +56,12 @@ def server(trained_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def server(trained_model, tmp_path_factory):
+    model_dir = trained_model.save_pretrained(tmp_path_factory.mktemp("app") / "model")
+    yield from serve(["--model", str(model_dir)], tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
 def client(server):
     from gradio_client import Client
 
@@ -68,7 +73,7 @@ def test_api_captions_a_photo(client, synthetic, trained_model):
 
     image = sorted((synthetic / "images").glob("test_*.png"))[0]
     result = client.predict(handle_file(str(image)), api_name="/caption")
-    assert isinstance(result[0], str) and result[0] == caption_photo(trained_model, str(image))[0]
+    assert isinstance(result[0], str) and result[0] == caption_photo(trained_model, str(image)).best
 
 
 def test_api_reports_bad_uploads_and_keeps_serving(client, synthetic, tmp_path):
@@ -120,10 +125,60 @@ def test_api_accepts_decoding_options(client, synthetic):
     from gradio_client import handle_file
 
     image = handle_file(str(sorted((synthetic / "images").glob("test_*.png"))[2]))
-    best, table, words, timing = client.predict(image, "Sampling", 3, 0.7, 2, 12, api_name="/caption")
-    assert len(table["data"]) == 2 and best == table["data"][0][0]
+    best, table, words, labels, timing = client.predict(image, "Sampling", 3, 0.7, 2, 12, api_name="/caption")
+    assert len(table["data"]) == 2 and best in [row[0] for row in table["data"]]
     assert "ms" in timing and "sample" in timing
-    assert [w["token"].strip() for w in words] == best.split()
+    assert [w["token"] for w in words] == [*best.split(), "<end>"]
+    assert all(0 < w["probability"] <= 1 for w in words)
+    assert len(labels["confidences"]) == 5  # the CNN's ImageNet labels, from the same forward pass
+
+
+def test_more_captions_than_beams_widens_the_beam(client, synthetic):
+    from gradio_client import handle_file
+
+    image = handle_file(str(sorted((synthetic / "images").glob("test_*.png"))[2]))
+    _, table, _, _, timing = client.predict(image, "Beam search", 2, 1.0, 4, 12, api_name="/caption")
+    assert len(table["data"]) == 4 and "beam 4" in timing
+
+
+@pytest.fixture(scope="module")
+def bundled_server(tmp_path_factory):
+    """The demo as a newcomer meets it: `python app.py`, the bundled model."""
+    yield from serve([], tmp_path_factory)
+
+
+def test_browser_one_click_example_shows_readable_results(bundled_server, tmp_path):
+    """At 1280 px: an example click captions at once; the n-best table fits, its numbers are in (0, 1]
+    and sorted as shown; every word shows its probability; the page says what the model knows."""
+    need(Path(CHROMIUM).exists(), "Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(bundled_server)
+        page.get_by_text("dog and frisbee", exact=True).click()  # no press of the Caption button
+        box = page.locator("#best-caption textarea")
+        page.wait_for_function("el => el.value.length > 0", arg=box.element_handle(), timeout=60_000)
+        caption = box.input_value()
+        page.wait_for_timeout(500)
+        table = page.locator("#nbest")
+        overflow = table.evaluate("el => [...el.querySelectorAll('*')].some(c => c.scrollWidth > c.clientWidth + 1 "
+                                  "&& getComputedStyle(c).overflowX !== 'visible') || el.scrollWidth > el.clientWidth + 1")
+        rows = table.locator("tbody tr").all_inner_texts()
+        word_shares = page.locator("#word-confidence .word small").all_inner_texts()
+        labels = page.locator("#cnn-labels").inner_text()
+        text = page.locator("body").inner_text()
+        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        browser.close()
+    assert caption and not overflow
+    shares = [float(row.split("\t")[1].strip().rstrip("%")) / 100 for row in rows]
+    assert len(shares) == 3 and all(0 < s <= 1 for s in shares) and shares == sorted(shares, reverse=True)
+    assert len(word_shares) == len(caption.split()) + 1 and all(w.endswith("%") for w in word_shares)
+    assert "retriever" in labels or "%" in labels
+    assert "Flickr8k" in text and "out of domain" in text
 
 
 def test_browser_upload_and_caption(server, synthetic, trained_model, tmp_path):
@@ -137,12 +192,14 @@ def test_browser_upload_and_caption(server, synthetic, trained_model, tmp_path):
             "--disable-sync", "--no-first-run", "--disable-quic"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(server)
-        page.locator("input[type=file]").first.set_input_files(str(image))
-        page.get_by_role("button", name="Caption", exact=True).click()
+        page.locator("input[type=file]").first.set_input_files(str(image))  # an upload captions at once
         box = page.locator("#best-caption textarea")
         page.wait_for_function("el => el.value.length > 0", arg=box.element_handle(), timeout=60_000)
         caption = box.input_value()
-        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        page.locator("input[type=file]").first.set_input_files(str(Path(__file__)))  # not an image
+        page.wait_for_function("() => document.querySelector('#status').innerText.includes('not an image')",
+                               timeout=60_000)
+        error = page.locator("#status").inner_text()
         browser.close()
-    assert caption == caption_photo(trained_model, str(image))[0]
-    assert (tmp_path / "app.png").stat().st_size > 10_000
+    assert caption == caption_photo(trained_model, str(image)).best
+    assert "not an image" in error and str(ROOT) not in error

@@ -74,8 +74,8 @@ def test_bad_file_is_reported_and_others_still_captioned(model_dir, synthetic, t
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--beam-size", "0"], "beam_size must be at least 1"),
-    (["--num-captions", "5", "--beam-size", "2"], "num_return_sequences cannot exceed beam_size"),
+    (["--beam-size", "0"], "beam_size must be between 1 and 64, not 0"),
+    (["--num-captions", "2", "--strategy", "greedy"], "greedy decoding returns one caption"),
     (["--model", "/nonexistent/model"], "checkpoint directory not found"),
 ])
 def test_bad_options_fail_cleanly(model_dir, synthetic, args, message):
@@ -83,6 +83,13 @@ def test_bad_options_fail_cleanly(model_dir, synthetic, args, message):
     full = ["caption", str(image), "--model", str(model_dir), *args]
     result = captioner(*full)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_more_captions_than_beams_widens_the_beam_and_says_so(model_dir, synthetic):
+    image = sorted((synthetic / "images").glob("test_*.png"))[0]
+    result = captioner("caption", str(image), "--model", str(model_dir), "--num-captions", "4", "--beam-size", "2")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) == 4 and "beam_size raised from 2 to 4" in result.stderr
 
 
 def test_evaluate_reports_coco_metrics(model_dir, synthetic, tmp_path):

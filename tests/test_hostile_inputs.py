@@ -153,7 +153,6 @@ BAD_OPTIONS = [
     (dict(no_repeat_ngram_size=1000), "no_repeat_ngram_size must be between 0 and 10"),
     (dict(suppress_unk="yes"), "suppress_unk must be true or false"),
     (dict(strategy="Beam"), "strategy must be one of beam, greedy, sample"),
-    (dict(beam_size=2, num_return_sequences=3), "num_return_sequences cannot exceed beam_size"),
 ]
 
 
@@ -165,6 +164,15 @@ def test_decoding_options_are_typed_and_bounded(trained_model, options, message)
     assert "\n" not in str(error.value)
     with pytest.raises(ConfigError):
         GenerationConfig(**options)
+
+
+def test_more_captions_than_beams_raises_the_beam(trained_model):
+    """The API, the CLI and the app agree: asking for n captions from a smaller beam widens the beam."""
+    assert GenerationConfig(beam_size=2, num_return_sequences=5).beam_size == 5
+    features = torch.zeros(1, trained_model.encoder.config.feature_size)
+    nbest = trained_model.generate(features, beam_size=2, num_return_sequences=4)[0]
+    assert [c.text for c in nbest] == [c.text for c in trained_model.generate(features, beam_size=4,
+                                                                              num_return_sequences=4)[0]]
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 10**9, 2.0, True])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import reprlib
 import shutil
 import time
 from contextlib import contextmanager
@@ -113,21 +114,23 @@ class TrainConfig:
     # Options a resumed run may change: nothing already learnt depends on them (the run folder may move too).
     RESUMABLE = ("out", "feature_cache", "epochs", "scst_epochs", "scst_lr", "scst_samples", "scst_batch_size",
                  "scst_baseline", "patience", "device", "num_workers", "precision", "compile")
+    # Accepted ranges, bounds included: wide enough for any real run, narrow enough that no value exhausts memory
+    # or time before the first epoch, and finite (NaN and infinity are outside every range).
+    LIMITS = {"embed_size": (1, 8192), "hidden_size": (1, 8192), "num_layers": (1, 8), "batch_size": (1, 65536),
+              "max_caption_length": (1, 100), "beam_size": (1, 64), "max_length": (1, 100), "scst_samples": (1, 64),
+              "scst_batch_size": (1, 65536), "min_word_count": (1, 10**9), "epochs": (0, 10000),
+              "scst_epochs": (0, 10000), "patience": (0, 10000), "warmup_steps": (0, 10**9), "num_workers": (0, 256),
+              "seed": (0, 2**63 - 1), "lr": (0, 1), "encoder_lr": (0, 1), "scst_lr": (0, 1), "weight_decay": (0, 1),
+              "grad_clip": (0, 1e6), "length_penalty": (-10, 10)}
 
     def validate(self) -> None:
+        self.check_types(asdict(self), "options")
         for name in ("images", "train_captions"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is required")
-        if self.encoder not in BACKBONES:
-            raise ConfigError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(BACKBONES)}")
-        positive = ("embed_size", "hidden_size", "num_layers", "batch_size", "max_caption_length", "beam_size",
-                    "max_length", "scst_samples", "scst_batch_size", "min_word_count")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
-        for name in ("epochs", "scst_epochs", "patience", "warmup_steps", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} cannot be negative")
+        for name, (low, high) in self.LIMITS.items():
+            if not low <= getattr(self, name) <= high:
+                raise ConfigError(f"{name} must be between {low} and {high}, not {getattr(self, name)}")
         if self.epochs + self.scst_epochs < 1:
             raise ConfigError("nothing to train: epochs and scst_epochs are both 0")
         if not all(0 <= v < 1 for v in (self.dropout, self.input_dropout, self.label_smoothing)) or \
@@ -151,7 +154,26 @@ class TrainConfig:
         unknown = sorted(set(normalised) - names)
         if unknown:
             raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        cls.check_types(normalised, source)
         return cls(**normalised)
+
+    @staticmethod
+    def check_types(values: dict, source: str) -> None:
+        """Each value has its option's type (a bool is not an int; an int may stand for a float) and is one of
+        its choices, so that a config file's ``epochs = "3"`` is a one-line error naming the file and key."""
+        for item in fields(TrainConfig):
+            if item.name not in values:
+                continue
+            value, kind = values[item.name], item.type
+            if not isinstance(value, _TYPES[kind]) or (isinstance(value, bool) and kind != "bool"):
+                raise ConfigError(f"{source}: {item.name} must be {_TYPE_NAMES[kind]}, not {reprlib.repr(value)}")
+            if value not in item.metadata.get("choices", (value,)):
+                raise ConfigError(f"{source}: {item.name} must be one of {', '.join(item.metadata['choices'])}, "
+                                  f"not {reprlib.repr(value)}")
+
+
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -327,21 +349,28 @@ class Trainer:
                 TRAINER_FILE: lambda path: checkpoint.write_json(path, trainer)}
 
     def _load_training_state(self, last: Path) -> None:
-        saved = checkpoint.read_json(last / TRAINER_FILE)
-        previous = TrainConfig.from_dict(saved["config"], str(last / TRAINER_FILE))
+        saved = read_trainer_file(last)
+        previous = TrainConfig.from_dict(saved["config"])
         changed = [f.name for f in fields(TrainConfig)
                    if f.name not in TrainConfig.RESUMABLE and getattr(previous, f.name) != getattr(self.config, f.name)]
         if changed:
             raise ConfigError(f"cannot resume with changed option(s) {', '.join(changed)}; "
                               f"only {', '.join(TrainConfig.RESUMABLE)} may change")
-        self.progress = Progress(**saved["progress"])
-        self.optimizer, self.scheduler = self._optimizer(self.progress.phase)
         tensors = checkpoint.load_tensors(last / STATE_FILE)
-        _restore_optimizer(self.optimizer, tensors, saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        rank = self.dist.rank if saved.get("world_size", 1) == self.dist.world_size else 0
-        prefix = f"rng.{rank}."
-        _set_rng_states({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, self.device)
+        try:
+            self.progress = Progress(**saved["progress"])
+            for item in fields(Progress):
+                if not isinstance(getattr(self.progress, item.name), _TYPES.get(item.type, list)):
+                    raise TypeError(f"progress.{item.name} has the wrong type")
+            self.optimizer, self.scheduler = self._optimizer(self.progress.phase)
+            _restore_optimizer(self.optimizer, tensors, saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            rank = self.dist.rank if saved.get("world_size", 1) == self.dist.world_size else 0
+            prefix = f"rng.{rank}."
+            _set_rng_states({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, self.device)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise CheckpointError(f"{last}: inconsistent training state ({type(exc).__name__}: "
+                                  f"{reprlib.repr(str(exc).partition(chr(10))[0])})") from None
         log.info("resumed after epoch %d (phase %s, best %s %.4f)", self.progress.epoch, self.progress.phase,
                  self.config.select_metric, self.progress.best_score)
 
@@ -552,6 +581,16 @@ def dropout_off(module: nn.Module):
     finally:
         for (m, name), value in zip(dropouts, saved):
             setattr(m, name, value)
+
+
+def read_trainer_file(last: Path) -> dict:
+    """``last/trainer.json``: the options of the interrupted run, checked like a config file, and its state."""
+    trainer_file = last / TRAINER_FILE
+    saved = checkpoint.read_json(trainer_file)
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise CheckpointError(f"{trainer_file}: no 'config' object")
+    TrainConfig.from_dict(saved["config"], str(trainer_file))
+    return saved
 
 
 def _rng_states() -> dict[str, torch.Tensor]:

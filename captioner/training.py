@@ -39,7 +39,7 @@ from .decoder import Decoder, DecoderConfig
 from .decoding import GenerationConfig, sample_or_greedy
 from .distributed import Distributed
 from .encoder import BACKBONES, DEFAULT_ENCODER, VIEWS, Encoder
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 from .features import FeatureCache, default_cache_dir, extract_features, file_digests
 from .images import load_image
 from .metrics import FAST_METRICS, CiderD, score_captions
@@ -276,12 +276,12 @@ class Trainer:
         log.info("vocabulary: %d words; encoder %s (%s); %d process(es) on %s", len(self.model.vocab),
                  self.model.encoder.config.name, self.model.encoder.config.weights, self.dist.world_size,
                  self.device)
-        self.train = Split(train_records, self._features(train_records, AUGMENTATIONS[config.augment]))
-        self.train.captions = encode_captions(train_records, self.model.vocab, config.max_caption_length)
+        self.train = Split(*self._features(train_records, AUGMENTATIONS[config.augment]))
+        self.train.captions = encode_captions(self.train.records, self.model.vocab, config.max_caption_length)
         if self.train.captions.truncated:
             log.info("%d training captions were cut to %d words", self.train.captions.truncated,
                      config.max_caption_length)
-        self.val = Split(val_records, self._features(val_records))
+        self.val = Split(*self._features(val_records))
         self.decoder, self.encoder = self._wrap(self.model.decoder), self._wrap(self.model.encoder)
         self.optimizer, self.scheduler = self._optimizer("xe")
         if resume:
@@ -289,20 +289,30 @@ class Trainer:
         else:  # feature extraction may or may not have drawn random numbers (cache hits): start afresh
             torch.manual_seed(config.seed + 1 + self.dist.rank)
 
-    def _features(self, records: list[ImageCaptions], views: tuple[str, ...] = ("center",)) -> torch.Tensor | None:
-        """Cached encoder features of ``records``: ``(N, F)``, or ``(views, N, F)`` with augmentation;
-        None when the encoder is fine-tuned."""
+    def _features(self, records: list[ImageCaptions],
+                  views: tuple[str, ...] = ("center",)) -> tuple[list[ImageCaptions], torch.Tensor | None]:
+        """The records kept and their cached encoder features: ``(N, F)``, or ``(views, N, F)`` with augmentation;
+        None when the encoder is fine-tuned. With ``skip_invalid`` images that cannot be decoded are left out."""
         if self.config.finetune_encoder:
-            return None
+            return records, None
         paths, stacked = [r.path for r in records], []
         digests = file_digests(paths, self.dist.is_main)  # once for all views
         for view in views:
             cache = FeatureCache(self.config.feature_cache or default_cache_dir(), self.model.encoder, view)
-            features, encoded = cache.get(paths, num_workers=self.config.num_workers, device=self.device,
-                                          dist=self.dist, digests=digests)
+            # the first view finds the images that cannot be decoded; later views get only the others
+            features, encoded, unreadable = cache.get(paths, num_workers=self.config.num_workers, device=self.device,
+                                                      dist=self.dist, digests=digests,
+                                                      skip_invalid=self.config.skip_invalid and not stacked)
             log.info("features (%s): %d images, %d newly encoded, cache %s", view, len(records), encoded, cache.path)
+            if unreadable:
+                log.warning("skipped %d image(s) that cannot be read (--skip-invalid), e.g. %s", len(unreadable),
+                            next(iter(unreadable.values())))
+                kept = [i for i in range(len(records)) if i not in unreadable]
+                if not kept:
+                    raise DataError(f"none of the {len(records)} images can be read")
+                records, paths, digests = ([items[i] for i in kept] for items in (records, paths, digests))
             stacked.append(features.to(self.device))
-        return stacked[0] if len(stacked) == 1 else torch.stack(stacked)
+        return records, stacked[0] if len(stacked) == 1 else torch.stack(stacked)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         """DistributedDataParallel under torchrun; torch.compile on request."""

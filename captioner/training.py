@@ -17,13 +17,16 @@ and random-number state, so ``resume`` continues exactly where the last complete
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
+import os
 import reprlib
 import shutil
 import time
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -39,7 +42,7 @@ from .decoder import Decoder, DecoderConfig
 from .decoding import GenerationConfig, sample_or_greedy
 from .distributed import Distributed
 from .encoder import BACKBONES, DEFAULT_ENCODER, VIEWS, Encoder
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, OutputError
 from .features import FeatureCache, default_cache_dir, extract_features, file_digests
 from .images import load_image
 from .metrics import FAST_METRICS, CiderD, score_captions
@@ -50,7 +53,7 @@ log = logging.getLogger(__name__)
 
 TRAINER_FILE, STATE_FILE = "trainer.json", "training_state.safetensors"
 AUGMENTATIONS = {"none": ("center",), "flip": ("center", "flip"), "tencrop": VIEWS}
-LOG_FILE, PLOT_FILE = "log.jsonl", "training.png"
+LOG_FILE, PLOT_FILE, LOCK_FILE = "log.jsonl", "training.png", ".lock"
 
 
 def _option(default, help: str, **extra):
@@ -247,10 +250,10 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, saved: d
 class Trainer:
     """Holds the model, the data and the optimisation state of one run (one rank of it under torchrun)."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False):
+    def __init__(self, config: TrainConfig, resume: bool = False, dist: Distributed | None = None):
         config.validate()
         self.config, self.out = config, Path(config.out)
-        self.dist = Distributed.setup(config.device)
+        self.dist = dist or Distributed.setup(config.device)
         self.device = self.dist.device
         if config.batch_size % self.dist.world_size:
             raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {self.dist.world_size} processes")
@@ -569,7 +572,10 @@ class Trainer:
                 self.model.save_pretrained(self.out / "best", extra_files={
                     "metrics.json": lambda path: checkpoint.write_json(path, entry)})
             self.model.save_pretrained(self.out / "last", extra_files=state_files)
-            _write_log(self.out, progress.history, config.select_metric)
+            try:
+                _write_log(self.out, progress.history, config.select_metric)
+            except OSError as exc:
+                raise OutputError(f"{self.out}: cannot write {LOG_FILE} ({exc.strerror or exc})") from None
         self.dist.barrier()
         log.info("epoch %d %s loss %.4f | BLEU-4 %.4f CIDEr-D %.4f%s | %.0fs", progress.epoch, progress.phase, loss,
                  scores.get("BLEU-4", float("nan")), scores.get("CIDEr-D", float("nan")),
@@ -642,8 +648,74 @@ def _write_log(out: Path, history: list[dict], metric: str) -> None:
 
 def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | None = None) -> Path:
     """Train a captioner as ``config`` says; returns the best checkpoint directory."""
-    trainer = Trainer(config, resume=resume)
+    config.validate()
+    dist = Distributed.setup(config.device)
     try:
-        return trainer.run(stop_after_epoch=stop_after_epoch)
+        with claim_output(config, dist):
+            return Trainer(config, resume=resume, dist=dist).run(stop_after_epoch=stop_after_epoch)
     finally:
-        trainer.dist.close()
+        dist.close()
+
+
+@contextmanager
+def claim_output(config: TrainConfig, dist: Distributed) -> Iterator[None]:
+    """Hold ``--out`` for one run: its folders must be writable, and no other training may write to it.
+
+    Checked before any work, so a read-only or full disk, ``--out`` naming a file, or a second run with
+    the same ``--out`` fails at once, not after an epoch. Rank 0 checks; every rank raises its error.
+    """
+    out, lock, problem = Path(config.out), None, None
+    if dist.is_main:
+        folders = {"--out": out}
+        if not config.finetune_encoder:
+            folders["--feature-cache"] = Path(config.feature_cache or default_cache_dir())
+        try:
+            for flag, folder in folders.items():
+                _check_writable(folder, flag)
+            lock = _lock(out)
+        except OutputError as exc:
+            problem = str(exc)
+        except OSError as exc:  # the lock itself, on a file system without locks
+            problem = f"--out {out}: cannot lock {LOCK_FILE} ({exc.strerror or exc})"
+    problem = dist.broadcast(problem)
+    if problem:
+        raise OutputError(problem)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _check_writable(folder: Path, flag: str) -> None:
+    """Create ``folder``, then write, sync and delete a small file in it; or raise :class:`OutputError`."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{flag} {folder}: is a file, not a folder")
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(b"captioner checks that this folder is writable\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise OutputError(f"{flag} {folder}: cannot write there ({exc.strerror or exc})") from None
+    finally:
+        with suppress(OSError):
+            probe.unlink(missing_ok=True)
+
+
+def _lock(out: Path) -> int:
+    """An exclusive lock on ``out/.lock``, which holds our pid; the kernel releases it when the process
+    ends, however it ends, so a killed run never leaves ``--out`` locked."""
+    descriptor = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(descriptor, 32).decode("ascii", "replace").strip()
+        os.close(descriptor)
+        raise OutputError(f"--out {out}: another training (pid {holder if holder.isdigit() else 'unknown'}) is "
+                          "writing there; wait for it to finish or choose another --out") from None
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"{os.getpid()}\n".encode())
+    return descriptor

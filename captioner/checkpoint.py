@@ -8,6 +8,7 @@ never a mixture. Pickle files are refused outright: nothing in a checkpoint is e
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -29,35 +30,76 @@ WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory; on success it replaces ``path`` in one swap."""
+    """Yield an empty temporary directory; on success it replaces ``path`` in one swap.
+
+    Concurrent writers each fill their own temporary and swap one at a time, so all succeed and the
+    last one wins. A write that fails (full disk, read-only folder) is a :class:`CheckpointError`
+    and leaves ``path`` as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    temporary.mkdir()
+    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_writers(path.parent, f".{path.name}.tmp-*")
+        temporary.mkdir()
         yield temporary
         for file in temporary.iterdir():
             _fsync(file)
-        previous = path.parent / f".{path.name}.old-{os.getpid()}"
-        if path.exists():
-            os.rename(path, previous)  # from here until the next rename, recover() restores it
-        os.rename(temporary, path)
-        _fsync(path.parent)
-        for obsolete in path.parent.glob(f".{path.name}.old-*"):  # ours, and any a killed writer left behind
-            shutil.rmtree(obsolete, ignore_errors=True)
+        with _swap_lock(path):
+            previous = path.parent / f".{path.name}.old-{os.getpid()}"
+            if path.exists():
+                os.rename(path, previous)  # from here until the next rename, recover() restores it
+            os.rename(temporary, path)
+            _fsync(path.parent)
+            for obsolete in path.parent.glob(f".{path.name}.old-*"):  # ours, and any a killed writer left behind
+                shutil.rmtree(obsolete, ignore_errors=True)
+    except (OSError, SafetensorError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise CheckpointError(f"{path}: checkpoint not saved ({reason}); any previous one is kept") from None
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def remove_dead_writers(folder: Path, pattern: str) -> None:
+    """Delete temporaries named ``<pattern>``, ``...tmp-<pid>[-...]``, whose writing process is gone."""
+    for stale in folder.glob(pattern):
+        pid = stale.name.rpartition(".tmp-")[2].split("-")[0]
+        if not (pid.isdigit() and _alive(int(pid))):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return pid > 0
+
+
+@contextlib.contextmanager
+def _swap_lock(path: Path) -> Iterator[None]:
+    """Held while ``path`` is swapped (two renames), so swaps and recoveries of it never interleave."""
+    descriptor = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def recover(path: str | Path) -> Path:
     """Undo a swap interrupted between its two renames, then return ``path``."""
     path = Path(path)
-    if not path.exists() and path.parent.is_dir():
-        leftovers = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
-        if leftovers:
-            os.rename(leftovers[-1], path)
+    if not path.exists() and path.parent.is_dir() and any(path.parent.glob(f".{path.name}.old-*")):
+        with _swap_lock(path):  # not a swap in progress: that one would still hold the lock
+            leftovers = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+            if leftovers and not path.exists():
+                os.rename(leftovers[-1], path)
     return path
 
 

@@ -10,12 +10,16 @@ import argparse
 import json
 import logging
 import sys
-import tomllib
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .bounds import check_options, describe_bounds
 from .errors import CaptionerError, ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 log = logging.getLogger("captioner")
 
@@ -54,16 +58,28 @@ def explicit_options(args: argparse.Namespace, cls) -> dict:
     return {key: value for key, value in vars(args).items() if key in names and value is not None}
 
 
+MAX_CONFIG_BYTES = 1_000_000
+
+
 def read_config_file(path: str) -> dict:
-    """Options from a JSON or TOML file (keys are option names, with ``_`` or ``-``)."""
+    """Options from a JSON or TOML file (keys are option names, with ``_`` or ``-``) of at most 1 MB."""
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
-        data = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
+        with open(file, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(f"{path}: invalid config file ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path}: invalid config file ({str(exc).partition(chr(10))[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid config file (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: config file must hold a table/object of options")
     return data
@@ -86,7 +102,7 @@ def _train_parser(sub) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from . import checkpoint
-    from .training import TRAINER_FILE, TrainConfig, train
+    from .training import TRAINER_FILE, TrainConfig, read_trainer_file, train
 
     explicit = explicit_options(args, TrainConfig)
     from_file: dict = {}
@@ -99,7 +115,7 @@ def _train(args: argparse.Namespace) -> int:
         trainer_file = checkpoint.recover(out / "last") / TRAINER_FILE
         if not trainer_file.is_file():
             raise ConfigError(f"{out}: nothing to resume (no last/{TRAINER_FILE})")
-        saved = checkpoint.read_json(trainer_file)["config"]
+        saved = read_trainer_file(trainer_file.parent)["config"]
     best = train(TrainConfig.from_dict({**saved, **from_file, **explicit}), resume=args.resume)
     print(f"best checkpoint: {best}")
     return 0

@@ -11,6 +11,9 @@ Every problem in a file is collected before anything is reported, so a user fixe
 from __future__ import annotations
 
 import json
+import os
+import reprlib
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,8 @@ from .errors import DataError
 from .vocab import END_ID, PAD_ID, START_ID, Vocabulary, tokenize
 
 MAX_EXAMPLES = 3
+MAX_ANNOTATION_BYTES = 2 * 1024**3  # larger files are refused unread (parsed, 2 GB of JSON takes about 20 GB)
+MAX_NAME_BYTES = 255  # longest file or folder name most file systems allow
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
 
@@ -73,7 +78,7 @@ def load_captions(
     for record in records:
         if not record.captions and not problems.image_has_problem(record.image_id):
             problems.add(record.image_id, f"image {record.image_id!r} ({record.path.name}): has no captions")
-        if not record.path.is_file():
+        if not _is_file(record.path):
             problems.add(record.image_id, f"image {record.image_id!r}: file {record.path.name} not found in {image_dir}")
     if problems.messages and not skip_invalid:
         raise DataError(problems.summary())
@@ -112,8 +117,20 @@ def _key(image_id) -> str:
     return str(image_id)
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a path longer than the system allows
+        return False
+
+
 def _read_json(path: Path):
     try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(f"{path}: not a regular file")
+        if info.st_size > MAX_ANNOTATION_BYTES:
+            raise DataError(f"{path}: {info.st_size} bytes, larger than the {MAX_ANNOTATION_BYTES} accepted")
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: annotation file not found") from None
@@ -127,6 +144,10 @@ def _read_json(path: Path):
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise DataError(f"{path}: unusable JSON ({exc})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
 
 
 def _caption_problem(caption) -> str | None:
@@ -143,10 +164,32 @@ def _valid_id(value) -> bool:
     return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value != "")
 
 
+def _name_problem(value) -> str | None:
+    """Why ``value`` cannot name a file or folder inside the image folder, or None."""
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    try:
+        encoded = os.fsencode(value)
+    except UnicodeEncodeError:
+        return f"{reprlib.repr(value)} holds characters no file name can"
+    if b"\0" in encoded:
+        return f"{reprlib.repr(value)} holds a NUL character"
+    parts = Path(value).parts
+    if Path(value).is_absolute() or ".." in parts:
+        return f"{reprlib.repr(value)} leads outside the image folder"
+    if any(len(os.fsencode(part)) > MAX_NAME_BYTES for part in parts):
+        return f"{reprlib.repr(value)} has a name longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
 def _image_entry_ok(problems: _Problems, where: str, image_id, file_name, field: str, seen) -> bool:
     """A usable file name and an id not seen before; otherwise the problem is recorded."""
     if not isinstance(file_name, str) or not file_name:
         problems.add(image_id, f"{where}: missing or invalid '{field}'")
+        return False
+    problem = _name_problem(file_name)
+    if problem:
+        problems.add(image_id, f"{where}: '{field}' {problem}")
         return False
     if _key(image_id) in seen:
         problems.add(image_id, f"{where}: duplicate image id {image_id!r}")
@@ -177,6 +220,9 @@ def _parse_coco(data: dict, image_dir: Path, problems: _Problems) -> list[ImageC
             problems.add(None, f"{where}: must be an object")
             continue
         if "id" in annotation:
+            if not _valid_id(annotation["id"]):
+                problems.add(None, f"{where}: invalid 'id' {reprlib.repr(annotation['id'])}")
+                continue
             if annotation["id"] in seen_annotation_ids:
                 problems.add(None, f"{where}: duplicate annotation id {annotation['id']!r}")
                 continue
@@ -208,11 +254,18 @@ def _parse_karpathy(data: dict, image_dir: Path, split: str | None, problems: _P
         if wanted and image.get("split") not in wanted:
             continue
         image_id = image.get("cocoid", image.get("imgid", i))
+        if not _valid_id(image_id):
+            problems.add(None, f"{where}: invalid 'cocoid' or 'imgid' {reprlib.repr(image_id)}")
+            continue
         file_name = image.get("filename")
         if not _image_entry_ok(problems, where, image_id, file_name, "filename", seen):
             continue
         seen.add(_key(image_id))
         folder = image.get("filepath") or ""
+        problem = folder and _name_problem(folder)
+        if problem:
+            problems.add(image_id, f"{where}: 'filepath' {problem}")
+            continue
         record = ImageCaptions(image_id, image_dir / folder / file_name)
         sentences = image.get("sentences")
         if not isinstance(sentences, list):

@@ -27,3 +27,7 @@ class WeightsError(CaptionerError):
 
 class ConfigError(CaptionerError):
     """A configuration value or config file is invalid."""
+
+
+class OutputError(CaptionerError):
+    """An output folder cannot be used: not a folder, not writable, full, or in use by another run."""

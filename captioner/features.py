@@ -4,26 +4,38 @@ Training the decoder from cached features makes an epoch cost only the LSTM. The
 safetensors file per encoder configuration, named by a hash of the backbone, its weights id and
 its preprocessing; inside, rows are indexed by a hash of each image file's bytes. So a change of
 encoder, weights or preprocessing uses another file, and an edited image is simply re-encoded.
+
+New rows are flushed every ``FLUSH_EVERY`` images to a part file beside the cache and merged into
+it at the end, so a killed run loses at most one part's work. A cache file that cannot be read,
+and rows that are not finite, are ignored with a warning and encoded again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpoint import load_tensors, save_tensors
+from .checkpoint import remove_dead_writers, save_tensors
 from .distributed import Distributed
 from .encoder import Encoder
+from .errors import ImageError, OutputError
 from .images import load_image
 
+log = logging.getLogger(__name__)
+
 CACHE_FORMAT = 1
+FLUSH_EVERY = 1024  # images per part file: about a minute of CPU encoding, seconds on a GPU
 
 
 def default_cache_dir() -> Path:
@@ -53,7 +65,15 @@ def cache_key(encoder: Encoder, view: str = "center") -> str:
 
 
 def file_digest(path: str | Path) -> str:
-    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+    """Hash of a file's bytes, read in pieces so that an oversized file costs time, not memory."""
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as handle:
+            while piece := handle.read(1 << 20):
+                digest.update(piece)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return digest.hexdigest()
 
 
 def file_digests(paths: Sequence[str | Path], progress: bool = True) -> list[str]:
@@ -69,25 +89,60 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.preprocess(load_image(self.paths[index]))
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
+        """The preprocessed image, or why it cannot be read: one bad file must not fail its whole batch."""
+        try:
+            return index, self.preprocess(load_image(self.paths[index]))
+        except ImageError as exc:
+            return index, str(exc)
+
+
+def _collate(items: list[tuple[int, torch.Tensor | str]]) -> tuple[list[int], torch.Tensor | None, dict[int, str]]:
+    images = [(index, item) for index, item in items if not isinstance(item, str)]
+    failures = {index: item for index, item in items if isinstance(item, str)}
+    return [index for index, _ in images], torch.stack([item for _, item in images]) if images else None, failures
 
 
 @torch.inference_mode()
-def extract_features(encoder: Encoder, paths: Sequence[str | Path], batch_size: int = 32, num_workers: int = 0,
-                     device: str | torch.device = "cpu", progress: bool = True, view: str = "center") -> torch.Tensor:
-    """Run the encoder over image files: ``(len(paths), feature_size)`` float32 on the CPU.
-
-    ``view`` picks the centre crop (what inference sees) or another crop or mirror image for augmentation.
-    """
+def _encode(encoder: Encoder, paths: Sequence[str | Path], batch_size: int, num_workers: int,
+            device: str | torch.device, view: str, bar: tqdm) -> tuple[torch.Tensor, dict[int, str]]:
+    """Features of ``paths`` (zeros for an image that cannot be read) and, by index, why those cannot."""
     device = torch.device(device)
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     encoder = encoder.to(device, memory_format=layout).eval()
+    rows, failures = torch.zeros((len(paths), encoder.config.feature_size)), {}
     loader = DataLoader(_ImageFiles(paths, encoder, view), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
-    chunks = [encoder(pixels.to(device, memory_format=layout, non_blocking=True)).float().cpu()
-              for pixels in tqdm(loader, desc=f"encoding images ({view})", unit="batch", disable=not progress)]
-    return torch.cat(chunks) if chunks else torch.empty((0, encoder.config.feature_size))
+                        pin_memory=device.type == "cuda", collate_fn=_collate)
+    for indices, pixels, failed in loader:
+        if indices:
+            rows[indices] = encoder(pixels.to(device, memory_format=layout, non_blocking=True)).float().cpu()
+        failures.update(failed)
+        bar.update(len(indices) + len(failed))
+    return rows, failures
+
+
+def _unreadable(failures: dict[int, str], total: int) -> str:
+    return f"{len(failures)} of {total} images cannot be read, e.g. {failures[min(failures)]}"
+
+
+def extract_features(encoder: Encoder, paths: Sequence[str | Path], batch_size: int = 32, num_workers: int = 0,
+                     device: str | torch.device = "cpu", progress: bool = True, view: str = "center") -> torch.Tensor:
+    """Run the encoder over image files: ``(len(paths), feature_size)`` float32 on the CPU, or
+    :class:`ImageError` when some cannot be read.
+
+    ``view`` picks the centre crop (what inference sees) or another crop or mirror image for augmentation.
+    """
+    with tqdm(total=len(paths), desc=f"encoding images ({view})", unit="image", disable=not progress) as bar:
+        rows, failures = _encode(encoder, paths, batch_size, num_workers, device, view, bar)
+    if failures:
+        raise ImageError(_unreadable(failures, len(paths)))
+    return rows
+
+
+class CachedFeatures(NamedTuple):
+    features: torch.Tensor  # one row per readable image, in the order of the paths
+    encoded: int  # images newly encoded
+    unreadable: dict[int, str]  # index in the paths -> why that image was left out (only with skip_invalid)
 
 
 class FeatureCache:
@@ -97,45 +152,105 @@ class FeatureCache:
         self.encoder, self.view = encoder, view
         self.path = Path(directory) / f"{encoder.config.name}-{cache_key(encoder, view)}.safetensors"
 
-    def _read(self) -> tuple[list[str], torch.Tensor | None]:
-        if not self.path.is_file():
-            return [], None
-        from safetensors import safe_open
-
-        with safe_open(str(self.path), "pt") as handle:
-            digests = json.loads(handle.metadata()["digests"])
-        return digests, load_tensors(self.path)["features"]
-
     def get(self, paths: Sequence[str | Path], batch_size: int = 32, num_workers: int = 0,
-            device: str | torch.device = "cpu", progress: bool = True,
-            dist: Distributed | None = None, digests: Sequence[str] | None = None) -> tuple[torch.Tensor, int]:
-        """Features for ``paths`` in order, encoding only images not cached; returns (features, encoded).
+            device: str | torch.device = "cpu", progress: bool = True, dist: Distributed | None = None,
+            digests: Sequence[str] | None = None, skip_invalid: bool = False,
+            flush_every: int = FLUSH_EVERY) -> CachedFeatures:
+        """Features for ``paths`` in order, encoding only images not cached.
 
         ``digests`` (from :func:`file_digests`) saves re-reading the files when several views share them.
-        Under ``torchrun`` each rank encodes its share of the missing images, the shares are gathered,
-        and rank 0 writes the cache.
+        New rows are written every ``flush_every`` images. Images that cannot be decoded raise
+        :class:`ImageError` once the others are encoded and cached; with ``skip_invalid`` they are left
+        out of ``features`` and listed in ``unreadable``. Under ``torchrun`` each rank encodes its share
+        of each flush, the shares are gathered, and rank 0 writes the cache.
         """
         dist = dist or Distributed()
         show = progress and dist.is_main
         digests = list(digests) if digests is not None else file_digests(paths, show)
-        cached_digests, cached = self._read()
+        cached_digests, cached, parts, dropped = self._read()
         row_of = {digest: row for row, digest in enumerate(cached_digests)}
         missing = sorted({d: p for d, p in zip(digests, paths) if d not in row_of}.items())
-        if missing:
-            mine = [p for _, p in missing[dist.rank::dist.world_size]]
-            fresh = extract_features(self.encoder, mine, batch_size, num_workers, device, show, self.view)
-            fresh = dist.gather_rows(fresh, len(missing))
-            new_digests = [d for d, _ in missing]
-            cached = fresh if cached is None else torch.cat([cached, fresh])
-            for digest in new_digests:
-                row_of[digest] = len(row_of)
-            if dist.is_main:
-                self._write(cached_digests + new_digests, cached)
-            dist.barrier()
-        return cached[[row_of[d] for d in digests]], len(missing)
+        blocks, rows_so_far, failed = [cached], len(cached), {}
+        with tqdm(total=len(missing), desc=f"encoding images ({self.view})", unit="image", disable=not show) as bar:
+            for start in range(0, len(missing), flush_every):
+                chunk = missing[start:start + flush_every]
+                mine = [p for _, p in chunk[dist.rank::dist.world_size]]
+                rows, failures = _encode(self.encoder, mine, batch_size, num_workers, device, self.view, bar)
+                rows = dist.gather_rows(rows, len(chunk))
+                failures = {rank + dist.world_size * i: reason for rank, share in enumerate(dist.gather(failures))
+                            for i, reason in share.items()}
+                good = [i for i in range(len(chunk)) if i not in failures]
+                if dist.is_main and good:
+                    parts.append(self._write([chunk[i][0] for i in good], rows[good], part=True))
+                row_of.update((chunk[i][0], rows_so_far + k) for k, i in enumerate(good))
+                blocks.append(rows[good])
+                rows_so_far += len(good)
+                failed.update((chunk[i][0], reason) for i, reason in failures.items())
+                bar.update(start + len(chunk) - bar.n)  # under torchrun the bar counted only this rank's share
+        features = torch.cat(blocks)
+        if dist.is_main and (parts or dropped):
+            kept = list(row_of)
+            self._write(kept, features[[row_of[d] for d in kept]])
+            for part in parts:
+                part.unlink(missing_ok=True)
+        dist.barrier()
+        unreadable = {i: failed[d] for i, d in enumerate(digests) if d in failed}
+        if unreadable and not skip_invalid:
+            raise ImageError(f"{_unreadable(unreadable, len(paths))}; the features of the others are cached; "
+                             "pass --skip-invalid to leave these images out")
+        return CachedFeatures(features[[row_of[d] for d in digests if d not in failed]], len(missing) - len(failed),
+                              unreadable)
 
-    def _write(self, digests: list[str], features: torch.Tensor) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        save_tensors({"features": features}, temporary, metadata={"digests": json.dumps(digests)})
-        os.replace(temporary, self.path)
+    def _read(self) -> tuple[list[str], torch.Tensor, list[Path], bool]:
+        """Digests and rows of the cache file and of the parts a stopped run flushed; those parts; and whether
+        anything was left out (an unreadable file, rows that are not finite), so the cache needs rewriting."""
+        digests, blocks, dropped = [], [], False
+        parts = sorted(self.path.parent.glob(f"{self.path.stem}.part-*.safetensors"))
+        for file in [self.path, *parts]:
+            try:
+                names, rows = self._load(file)
+            except FileNotFoundError:  # no cache yet, or a part another run merged meanwhile
+                continue
+            except (OSError, SafetensorError, ValueError, KeyError, TypeError) as exc:
+                log.warning("%s: ignoring an unreadable feature cache file (%s); its images are encoded again",
+                            file, exc)
+                dropped = True
+                continue
+            finite = torch.isfinite(rows).all(1)
+            if not finite.all():
+                log.warning("%s: ignoring %d feature rows that are not finite; their images are encoded again",
+                            file, int((~finite).sum()))
+                names, rows, dropped = [n for n, ok in zip(names, finite.tolist()) if ok], rows[finite], True
+            digests += names
+            blocks.append(rows)
+        return digests, torch.cat(blocks) if blocks else torch.empty((0, self.encoder.config.feature_size)), parts, dropped
+
+    def _load(self, file: Path) -> tuple[list[str], torch.Tensor]:
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as handle:
+            digests = json.loads(handle.metadata()["digests"])
+            rows = handle.get_tensor("features")
+        if not isinstance(digests, list) or not all(isinstance(d, str) for d in digests):
+            raise ValueError("its digests are not a list of strings")
+        size = self.encoder.config.feature_size
+        if not rows.is_floating_point() or rows.shape != (len(digests), size):
+            raise ValueError(f"{rows.dtype} features of shape {tuple(rows.shape)}, expected ({len(digests)}, {size})")
+        return digests, rows.float()
+
+    def _write(self, digests: list[str], features: torch.Tensor, part: bool = False) -> Path:
+        """Write rows under a temporary name, then rename: the cache file, or a new part of it."""
+        unique = f"{os.getpid()}-{os.urandom(4).hex()}"
+        target = self.path.with_name(f"{self.path.stem}.part-{unique}.safetensors") if part else self.path
+        temporary = target.with_name(f".{target.name}.tmp-{unique}")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            remove_dead_writers(target.parent, f".{self.path.stem}*.tmp-*")
+            save_tensors({"features": features}, temporary, metadata={"digests": json.dumps(digests)})
+            os.replace(temporary, target)
+        except (OSError, SafetensorError) as exc:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            raise OutputError(f"{target.parent}: cannot write the feature cache ({getattr(exc, 'strerror', None) or exc})"
+                              "; free some space or choose another --feature-cache") from None
+        return target

@@ -17,12 +17,16 @@ and random-number state, so ``resume`` continues exactly where the last complete
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
+import os
+import reprlib
 import shutil
 import time
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -38,7 +42,7 @@ from .decoder import Decoder, DecoderConfig
 from .decoding import GenerationConfig, sample_or_greedy
 from .distributed import Distributed
 from .encoder import BACKBONES, DEFAULT_ENCODER, VIEWS, Encoder, EncoderWeights
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError, OutputError
 from .features import FeatureCache, default_cache_dir, extract_features, file_digests
 from .images import load_image
 from .metrics import FAST_METRICS, CiderD, score_captions
@@ -49,7 +53,7 @@ log = logging.getLogger(__name__)
 
 TRAINER_FILE, STATE_FILE = "trainer.json", "training_state.safetensors"
 AUGMENTATIONS = {"none": ("center",), "flip": ("center", "flip"), "tencrop": VIEWS}
-LOG_FILE, PLOT_FILE = "log.jsonl", "training.png"
+LOG_FILE, PLOT_FILE, LOCK_FILE = "log.jsonl", "training.png", ".lock"
 
 
 def _option(default, help: str, **extra):
@@ -113,21 +117,23 @@ class TrainConfig:
     # Options a resumed run may change: nothing already learnt depends on them (the run folder may move too).
     RESUMABLE = ("out", "feature_cache", "epochs", "scst_epochs", "scst_lr", "scst_samples", "scst_batch_size",
                  "scst_baseline", "patience", "device", "num_workers", "precision", "compile")
+    # Accepted ranges, bounds included: wide enough for any real run, narrow enough that no value exhausts memory
+    # or time before the first epoch, and finite (NaN and infinity are outside every range).
+    LIMITS = {"embed_size": (1, 8192), "hidden_size": (1, 8192), "num_layers": (1, 8), "batch_size": (1, 65536),
+              "max_caption_length": (1, 100), "beam_size": (1, 64), "max_length": (1, 100), "scst_samples": (1, 64),
+              "scst_batch_size": (1, 65536), "min_word_count": (1, 10**9), "epochs": (0, 10000),
+              "scst_epochs": (0, 10000), "patience": (0, 10000), "warmup_steps": (0, 10**9), "num_workers": (0, 256),
+              "seed": (0, 2**63 - 1), "lr": (0, 1), "encoder_lr": (0, 1), "scst_lr": (0, 1), "weight_decay": (0, 1),
+              "grad_clip": (0, 1e6), "length_penalty": (-10, 10)}
 
     def validate(self) -> None:
+        self.check_types(asdict(self), "options")
         for name in ("images", "train_captions"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is required")
-        if self.encoder not in BACKBONES:
-            raise ConfigError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(BACKBONES)}")
-        positive = ("embed_size", "hidden_size", "num_layers", "batch_size", "max_caption_length", "beam_size",
-                    "max_length", "scst_samples", "scst_batch_size", "min_word_count")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
-        for name in ("epochs", "scst_epochs", "patience", "warmup_steps", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} cannot be negative")
+        for name, (low, high) in self.LIMITS.items():
+            if not low <= getattr(self, name) <= high:
+                raise ConfigError(f"{name} must be between {low} and {high}, not {getattr(self, name)}")
         if self.epochs + self.scst_epochs < 1:
             raise ConfigError("nothing to train: epochs and scst_epochs are both 0")
         if not all(0 <= v < 1 for v in (self.dropout, self.input_dropout, self.label_smoothing)) or \
@@ -151,7 +157,26 @@ class TrainConfig:
         unknown = sorted(set(normalised) - names)
         if unknown:
             raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        cls.check_types(normalised, source)
         return cls(**normalised)
+
+    @staticmethod
+    def check_types(values: dict, source: str) -> None:
+        """Each value has its option's type (a bool is not an int; an int may stand for a float) and is one of
+        its choices, so that a config file's ``epochs = "3"`` is a one-line error naming the file and key."""
+        for item in fields(TrainConfig):
+            if item.name not in values:
+                continue
+            value, kind = values[item.name], item.type
+            if not isinstance(value, _TYPES[kind]) or (isinstance(value, bool) and kind != "bool"):
+                raise ConfigError(f"{source}: {item.name} must be {_TYPE_NAMES[kind]}, not {reprlib.repr(value)}")
+            if value not in item.metadata.get("choices", (value,)):
+                raise ConfigError(f"{source}: {item.name} must be one of {', '.join(item.metadata['choices'])}, "
+                                  f"not {reprlib.repr(value)}")
+
+
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -225,10 +250,10 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, saved: d
 class Trainer:
     """Holds the model, the data and the optimisation state of one run (one rank of it under torchrun)."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False):
+    def __init__(self, config: TrainConfig, resume: bool = False, dist: Distributed | None = None):
         config.validate()
         self.config, self.out = config, Path(config.out)
-        self.dist = Distributed.setup(config.device)
+        self.dist = dist or Distributed.setup(config.device)
         self.device = self.dist.device
         if config.batch_size % self.dist.world_size:
             raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {self.dist.world_size} processes")
@@ -254,12 +279,12 @@ class Trainer:
         log.info("vocabulary: %d words; encoder %s (%s); %d process(es) on %s", len(self.model.vocab),
                  self.model.encoder.config.name, self.model.encoder.config.weights, self.dist.world_size,
                  self.device)
-        self.train = Split(train_records, self._features(train_records, AUGMENTATIONS[config.augment]))
-        self.train.captions = encode_captions(train_records, self.model.vocab, config.max_caption_length)
+        self.train = Split(*self._features(train_records, AUGMENTATIONS[config.augment]))
+        self.train.captions = encode_captions(self.train.records, self.model.vocab, config.max_caption_length)
         if self.train.captions.truncated:
             log.info("%d training captions were cut to %d words", self.train.captions.truncated,
                      config.max_caption_length)
-        self.val = Split(val_records, self._features(val_records))
+        self.val = Split(*self._features(val_records))
         self.decoder, self.encoder = self._wrap(self.model.decoder), self._wrap(self.model.encoder)
         self.optimizer, self.scheduler = self._optimizer("xe")
         if resume:
@@ -267,20 +292,30 @@ class Trainer:
         else:  # feature extraction may or may not have drawn random numbers (cache hits): start afresh
             torch.manual_seed(config.seed + 1 + self.dist.rank)
 
-    def _features(self, records: list[ImageCaptions], views: tuple[str, ...] = ("center",)) -> torch.Tensor | None:
-        """Cached encoder features of ``records``: ``(N, F)``, or ``(views, N, F)`` with augmentation;
-        None when the encoder is fine-tuned."""
+    def _features(self, records: list[ImageCaptions],
+                  views: tuple[str, ...] = ("center",)) -> tuple[list[ImageCaptions], torch.Tensor | None]:
+        """The records kept and their cached encoder features: ``(N, F)``, or ``(views, N, F)`` with augmentation;
+        None when the encoder is fine-tuned. With ``skip_invalid`` images that cannot be decoded are left out."""
         if self.config.finetune_encoder:
-            return None
+            return records, None
         paths, stacked = [r.path for r in records], []
         digests = file_digests(paths, self.dist.is_main)  # once for all views
         for view in views:
             cache = FeatureCache(self.config.feature_cache or default_cache_dir(), self.model.encoder, view)
-            features, encoded = cache.get(paths, num_workers=self.config.num_workers, device=self.device,
-                                          dist=self.dist, digests=digests)
+            # the first view finds the images that cannot be decoded; later views get only the others
+            features, encoded, unreadable = cache.get(paths, num_workers=self.config.num_workers, device=self.device,
+                                                      dist=self.dist, digests=digests,
+                                                      skip_invalid=self.config.skip_invalid and not stacked)
             log.info("features (%s): %d images, %d newly encoded, cache %s", view, len(records), encoded, cache.path)
+            if unreadable:
+                log.warning("skipped %d image(s) that cannot be read (--skip-invalid), e.g. %s", len(unreadable),
+                            next(iter(unreadable.values())))
+                kept = [i for i in range(len(records)) if i not in unreadable]
+                if not kept:
+                    raise DataError(f"none of the {len(records)} images can be read")
+                records, paths, digests = ([items[i] for i in kept] for items in (records, paths, digests))
             stacked.append(features.to(self.device))
-        return stacked[0] if len(stacked) == 1 else torch.stack(stacked)
+        return records, stacked[0] if len(stacked) == 1 else torch.stack(stacked)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         """DistributedDataParallel under torchrun; torch.compile on request."""
@@ -327,21 +362,28 @@ class Trainer:
                 TRAINER_FILE: lambda path: checkpoint.write_json(path, trainer)}
 
     def _load_training_state(self, last: Path) -> None:
-        saved = checkpoint.read_json(last / TRAINER_FILE)
-        previous = TrainConfig.from_dict(saved["config"], str(last / TRAINER_FILE))
+        saved = read_trainer_file(last)
+        previous = TrainConfig.from_dict(saved["config"])
         changed = [f.name for f in fields(TrainConfig)
                    if f.name not in TrainConfig.RESUMABLE and getattr(previous, f.name) != getattr(self.config, f.name)]
         if changed:
             raise ConfigError(f"cannot resume with changed option(s) {', '.join(changed)}; "
                               f"only {', '.join(TrainConfig.RESUMABLE)} may change")
-        self.progress = Progress(**saved["progress"])
-        self.optimizer, self.scheduler = self._optimizer(self.progress.phase)
         tensors = checkpoint.load_tensors(last / STATE_FILE)
-        _restore_optimizer(self.optimizer, tensors, saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        rank = self.dist.rank if saved.get("world_size", 1) == self.dist.world_size else 0
-        prefix = f"rng.{rank}."
-        _set_rng_states({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, self.device)
+        try:
+            self.progress = Progress(**saved["progress"])
+            for item in fields(Progress):
+                if not isinstance(getattr(self.progress, item.name), _TYPES.get(item.type, list)):
+                    raise TypeError(f"progress.{item.name} has the wrong type")
+            self.optimizer, self.scheduler = self._optimizer(self.progress.phase)
+            _restore_optimizer(self.optimizer, tensors, saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            rank = self.dist.rank if saved.get("world_size", 1) == self.dist.world_size else 0
+            prefix = f"rng.{rank}."
+            _set_rng_states({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, self.device)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise CheckpointError(f"{last}: inconsistent training state ({type(exc).__name__}: "
+                                  f"{reprlib.repr(str(exc).partition(chr(10))[0])})") from None
         log.info("resumed after epoch %d (phase %s, best %s %.4f)", self.progress.epoch, self.progress.phase,
                  self.config.select_metric, self.progress.best_score)
 
@@ -530,7 +572,10 @@ class Trainer:
                 self.model.save_pretrained(self.out / "best", extra_files={
                     "metrics.json": lambda path: checkpoint.write_json(path, entry)})
             self.model.save_pretrained(self.out / "last", extra_files=state_files)
-            _write_log(self.out, progress.history, config.select_metric)
+            try:
+                _write_log(self.out, progress.history, config.select_metric)
+            except OSError as exc:
+                raise OutputError(f"{self.out}: cannot write {LOG_FILE} ({exc.strerror or exc})") from None
         self.dist.barrier()
         log.info("epoch %d %s loss %.4f | BLEU-4 %.4f CIDEr-D %.4f%s | %.0fs", progress.epoch, progress.phase, loss,
                  scores.get("BLEU-4", float("nan")), scores.get("CIDEr-D", float("nan")),
@@ -552,6 +597,16 @@ def dropout_off(module: nn.Module):
     finally:
         for (m, name), value in zip(dropouts, saved):
             setattr(m, name, value)
+
+
+def read_trainer_file(last: Path) -> dict:
+    """``last/trainer.json``: the options of the interrupted run, checked like a config file, and its state."""
+    trainer_file = last / TRAINER_FILE
+    saved = checkpoint.read_json(trainer_file)
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise CheckpointError(f"{trainer_file}: no 'config' object")
+    TrainConfig.from_dict(saved["config"], str(trainer_file))
+    return saved
 
 
 def _rng_states() -> dict[str, torch.Tensor]:
@@ -593,8 +648,74 @@ def _write_log(out: Path, history: list[dict], metric: str) -> None:
 
 def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | None = None) -> Path:
     """Train a captioner as ``config`` says; returns the best checkpoint directory."""
-    trainer = Trainer(config, resume=resume)
+    config.validate()
+    dist = Distributed.setup(config.device)
     try:
-        return trainer.run(stop_after_epoch=stop_after_epoch)
+        with claim_output(config, dist):
+            return Trainer(config, resume=resume, dist=dist).run(stop_after_epoch=stop_after_epoch)
     finally:
-        trainer.dist.close()
+        dist.close()
+
+
+@contextmanager
+def claim_output(config: TrainConfig, dist: Distributed) -> Iterator[None]:
+    """Hold ``--out`` for one run: its folders must be writable, and no other training may write to it.
+
+    Checked before any work, so a read-only or full disk, ``--out`` naming a file, or a second run with
+    the same ``--out`` fails at once, not after an epoch. Rank 0 checks; every rank raises its error.
+    """
+    out, lock, problem = Path(config.out), None, None
+    if dist.is_main:
+        folders = {"--out": out}
+        if not config.finetune_encoder:
+            folders["--feature-cache"] = Path(config.feature_cache or default_cache_dir())
+        try:
+            for flag, folder in folders.items():
+                _check_writable(folder, flag)
+            lock = _lock(out)
+        except OutputError as exc:
+            problem = str(exc)
+        except OSError as exc:  # the lock itself, on a file system without locks
+            problem = f"--out {out}: cannot lock {LOCK_FILE} ({exc.strerror or exc})"
+    problem = dist.broadcast(problem)
+    if problem:
+        raise OutputError(problem)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _check_writable(folder: Path, flag: str) -> None:
+    """Create ``folder``, then write, sync and delete a small file in it; or raise :class:`OutputError`."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{flag} {folder}: is a file, not a folder")
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(b"captioner checks that this folder is writable\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise OutputError(f"{flag} {folder}: cannot write there ({exc.strerror or exc})") from None
+    finally:
+        with suppress(OSError):
+            probe.unlink(missing_ok=True)
+
+
+def _lock(out: Path) -> int:
+    """An exclusive lock on ``out/.lock``, which holds our pid; the kernel releases it when the process
+    ends, however it ends, so a killed run never leaves ``--out`` locked."""
+    descriptor = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(descriptor, 32).decode("ascii", "replace").strip()
+        os.close(descriptor)
+        raise OutputError(f"--out {out}: another training (pid {holder if holder.isdigit() else 'unknown'}) is "
+                          "writing there; wait for it to finish or choose another --out") from None
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"{os.getpid()}\n".encode())
+    return descriptor

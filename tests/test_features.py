@@ -30,9 +30,9 @@ def encoder():
 
 def test_cache_encodes_once_and_matches_direct_extraction(tmp_path, images, encoder):
     cache = FeatureCache(tmp_path / "cache", encoder)
-    first, encoded = cache.get(images, progress=False)
+    first, encoded, _ = cache.get(images, progress=False)
     assert encoded == 3
-    again, encoded = cache.get(list(reversed(images)), progress=False)
+    again, encoded, _ = cache.get(list(reversed(images)), progress=False)
     assert encoded == 0
     assert torch.equal(again, first.flip(0))
     assert torch.allclose(first, extract_features(encoder, images, progress=False), atol=1e-5)
@@ -40,9 +40,9 @@ def test_cache_encodes_once_and_matches_direct_extraction(tmp_path, images, enco
 
 def test_changed_image_file_is_re_encoded(tmp_path, images, encoder):
     cache = FeatureCache(tmp_path / "cache", encoder)
-    before, _ = cache.get(images, progress=False)
+    before, _, _ = cache.get(images, progress=False)
     Image.new("RGB", (40, 30), (255, 255, 0)).save(images[1])
-    after, encoded = cache.get(images, progress=False)
+    after, encoded, _ = cache.get(images, progress=False)
     assert encoded == 1
     assert torch.equal(after[0], before[0]) and not torch.allclose(after[1], before[1])
     shutil.copy(images[0], images[2])  # same bytes as a cached image: no work
@@ -87,6 +87,6 @@ def test_each_view_has_its_own_cache(tmp_path, images, encoder):
     centre = FeatureCache(tmp_path, encoder)
     flipped = FeatureCache(tmp_path, encoder, "flip")
     assert centre.path != flipped.path
-    a, _ = centre.get(images, progress=False)
-    b, encoded = flipped.get(images, progress=False)
+    a, _, _ = centre.get(images, progress=False)
+    b, encoded, _ = flipped.get(images, progress=False)
     assert encoded == 3 and not torch.allclose(a, b)

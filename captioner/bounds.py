@@ -67,15 +67,16 @@ def check_fields(instance: Any, error: type[CaptionerError] = ConfigError, where
         object.__setattr__(instance, item.name, value)
 
 
-def check_options(cls: type, options: dict[str, Any], error: type[CaptionerError] = ConfigError) -> None:
+def check_options(cls: type, options: dict[str, Any], error: type[CaptionerError] = ConfigError,
+                  where: str = "") -> None:
     """Check a subset of a dataclass's fields, given by name, against their types and bounds."""
     by_name = {item.name: item for item in fields(cls)}
     for name, value in options.items():
         if name not in by_name:
-            raise error(f"unknown option {name!r}")
+            raise error(f"{where}: unknown option {name!r}" if where else f"unknown option {name!r}")
         item = by_name[name]
         if item.type.removesuffix("| None").strip() in SCALAR_TYPES:
-            check_value(name, value, item.type, item.metadata.get("range"), item.metadata.get("choices"), error)
+            check_value(name, value, item.type, item.metadata.get("range"), item.metadata.get("choices"), error, where)
 
 
 def describe_bounds(item) -> str:

@@ -42,6 +42,7 @@ from .decoder import Decoder, DecoderConfig
 from .decoding import GenerationConfig, sample_or_greedy
 from .distributed import Distributed
 from .encoder import BACKBONES, DEFAULT_ENCODER, VIEWS, Encoder, EncoderWeights
+from .bounds import check_fields, check_options, option
 from .errors import CheckpointError, ConfigError, DataError, OutputError
 from .features import FeatureCache, default_cache_dir, extract_features, file_digests
 from .images import load_image
@@ -56,84 +57,69 @@ AUGMENTATIONS = {"none": ("center",), "flip": ("center", "flip"), "tencrop": VIE
 LOG_FILE, PLOT_FILE, LOCK_FILE = "log.jsonl", "training.png", ".lock"
 
 
-def _option(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
-
-
 @dataclass
 class TrainConfig:
     """Every training option; the CLI flags and config files fill this one dataclass."""
 
-    images: str = _option("", "folder of training images (and validation images unless --val-images)")
-    train_captions: str = _option("", "training annotations: COCO captions JSON or a Karpathy-split file")
-    val_captions: str = _option("", "validation annotations (default: the 'val' split of a Karpathy file)")
-    val_images: str = _option("", "folder of validation images, if not --images")
-    out: str = _option("runs/captioner", "output folder: best/, last/, log.jsonl, training.png")
-    encoder: str = _option(DEFAULT_ENCODER, "CNN backbone", choices=tuple(BACKBONES))
-    encoder_weights: str = _option("", "encoder weights: empty for pretrained ImageNet, a file path, or 'none'")
-    embed_size: int = _option(512, "word and image embedding size")
-    hidden_size: int = _option(512, "LSTM hidden size")
-    num_layers: int = _option(1, "LSTM layers")
-    dropout: float = _option(0.5, "dropout on LSTM outputs (and between LSTM layers)")
-    input_dropout: float = _option(0.5, "dropout on image features, image projection and word embeddings")
-    min_word_count: int = _option(5, "words seen fewer times become <unk>")
-    max_caption_length: int = _option(30, "training captions are cut to this many words (the cut count is logged)")
-    epochs: int = _option(20, "cross-entropy epochs (an upper bound when early stopping)")
-    batch_size: int = _option(128, "captions per cross-entropy step (under torchrun: the global batch)")
-    lr: float = _option(4e-4, "Adam learning rate for the decoder")
-    weight_decay: float = _option(0.0, "Adam weight decay")
-    lr_schedule: str = _option("cosine", "learning-rate schedule over the cross-entropy epochs",
+    images: str = option("", "folder of training images (and validation images unless --val-images)")
+    train_captions: str = option("", "training annotations: COCO captions JSON or a Karpathy-split file")
+    val_captions: str = option("", "validation annotations (default: the 'val' split of a Karpathy file)")
+    val_images: str = option("", "folder of validation images, if not --images")
+    out: str = option("runs/captioner", "output folder: best/, last/, log.jsonl, training.png")
+    encoder: str = option(DEFAULT_ENCODER, "CNN backbone", choices=tuple(BACKBONES))
+    encoder_weights: str = option("", "encoder weights: empty for pretrained ImageNet, a file path, or 'none'")
+    embed_size: int = option(512, "word and image embedding size", range=(1, 8192))
+    hidden_size: int = option(512, "LSTM hidden size", range=(1, 8192))
+    num_layers: int = option(1, "LSTM layers", range=(1, 8))
+    dropout: float = option(0.5, "dropout on LSTM outputs (and between LSTM layers)")
+    input_dropout: float = option(0.5, "dropout on image features, image projection and word embeddings")
+    min_word_count: int = option(5, "words seen fewer times become <unk>", range=(1, 1000000000))
+    max_caption_length: int = option(30, "training captions are cut to this many words (the cut count is logged)", range=(1, 100))
+    epochs: int = option(20, "cross-entropy epochs (an upper bound when early stopping)", range=(0, 10000))
+    batch_size: int = option(128, "captions per cross-entropy step (under torchrun: the global batch)", range=(1, 65536))
+    lr: float = option(4e-4, "Adam learning rate for the decoder", range=(0, 1))
+    weight_decay: float = option(0.0, "Adam weight decay", range=(0, 1))
+    lr_schedule: str = option("cosine", "learning-rate schedule over the cross-entropy epochs",
                                choices=("cosine", "constant"))
-    warmup_steps: int = _option(0, "linear learning-rate warm-up steps")
-    grad_clip: float = _option(5.0, "clip the gradient norm to this (0 = off)")
-    label_smoothing: float = _option(0.0, "label smoothing of the cross-entropy loss")
-    scheduled_sampling: float = _option(0.0, "final probability of feeding back the model's own word (0 = off)")
-    patience: int = _option(5, "stop a phase after this many epochs without a better validation score")
-    select_metric: str = _option("CIDEr-D", "validation metric that selects the best checkpoint",
+    warmup_steps: int = option(0, "linear learning-rate warm-up steps", range=(0, 1000000000))
+    grad_clip: float = option(5.0, "clip the gradient norm to this (0 = off)", range=(0, 1000000.0))
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")
+    scheduled_sampling: float = option(0.0, "final probability of feeding back the model's own word (0 = off)")
+    patience: int = option(5, "stop a phase after this many epochs without a better validation score", range=(0, 10000))
+    select_metric: str = option("CIDEr-D", "validation metric that selects the best checkpoint",
                                  choices=("CIDEr-D", "BLEU-4", "ROUGE-L", "BLEU-1"))
-    beam_size: int = _option(3, "beam size for validation and the checkpoint's default decoding")
-    length_penalty: float = _option(0.0, "length penalty for validation and the checkpoint's default decoding")
-    max_length: int = _option(20, "longest generated caption in words")
-    finetune_encoder: bool = _option(False, "train the CNN too (no feature cache; slow without a GPU)")
-    encoder_lr: float = _option(1e-5, "learning rate for the CNN with --finetune-encoder")
-    scst_epochs: int = _option(0, "self-critical sequence training epochs after cross-entropy (0 = off)")
-    scst_lr: float = _option(2e-5, "learning rate during SCST")
-    scst_samples: int = _option(5, "sampled captions per image during SCST")
-    scst_batch_size: int = _option(16, "images per SCST step (each with scst_samples sampled captions)")
-    scst_baseline: str = _option("mean", "SCST reward baseline: the mean reward of the image's other samples, or the "
+    beam_size: int = option(3, "beam size for validation and the checkpoint's default decoding", range=(1, 64))
+    length_penalty: float = option(0.0, "length penalty for validation and the checkpoint's default decoding", range=(-5.0, 5.0))
+    max_length: int = option(20, "longest generated caption in words", range=(1, 100))
+    finetune_encoder: bool = option(False, "train the CNN too (no feature cache; slow without a GPU)")
+    encoder_lr: float = option(1e-5, "learning rate for the CNN with --finetune-encoder", range=(0, 1))
+    scst_epochs: int = option(0, "self-critical sequence training epochs after cross-entropy (0 = off)", range=(0, 10000))
+    scst_lr: float = option(2e-5, "learning rate during SCST", range=(0, 1))
+    scst_samples: int = option(5, "sampled captions per image during SCST", range=(1, 64))
+    scst_batch_size: int = option(16, "images per SCST step (each with scst_samples sampled captions)", range=(1, 65536))
+    scst_baseline: str = option("mean", "SCST reward baseline: the mean reward of the image's other samples, or the "
                                  "greedy caption's reward (Rennie et al.; unstable in our runs)", choices=("mean", "greedy"))
-    seed: int = _option(0, "random seed (data order, initialisation, dropout)")
-    device: str = _option("auto", "auto, cpu, cuda, cuda:1, mps (under torchrun: each rank's own GPU)")
-    precision: str = _option("fp32", "bf16 runs the forward passes under bfloat16 autocast (for GPUs)",
+    seed: int = option(0, "random seed (data order, initialisation, dropout)", range=(0, 9223372036854775807))
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, mps (under torchrun: each rank's own GPU)")
+    precision: str = option("fp32", "bf16 runs the forward passes under bfloat16 autocast (for GPUs)",
                              choices=("fp32", "bf16"))
-    compile: bool = _option(False, "torch.compile the trained modules (for GPUs; compiling takes a while)")
-    num_workers: int = _option(0, "image-loading worker processes")
-    feature_cache: str = _option("", f"feature cache folder (default {default_cache_dir()})")
-    augment: str = _option("none", "extra cached views of each training image, one picked at random per caption: "
+    compile: bool = option(False, "torch.compile the trained modules (for GPUs; compiling takes a while)")
+    num_workers: int = option(0, "image-loading worker processes", range=(0, 256))
+    feature_cache: str = option("", f"feature cache folder (default {default_cache_dir()})")
+    augment: str = option("none", "extra cached views of each training image, one picked at random per caption: "
                            "flip (mirror image) or tencrop (corner crops and mirrors, torchvision's TenCrop)",
                            choices=tuple(AUGMENTATIONS))
-    skip_invalid: bool = _option(False, "train on the valid items of a flawed annotation file instead of stopping")
+    skip_invalid: bool = option(False, "train on the valid items of a flawed annotation file instead of stopping")
 
     # Options a resumed run may change: nothing already learnt depends on them (the run folder may move too).
     RESUMABLE = ("out", "feature_cache", "epochs", "scst_epochs", "scst_lr", "scst_samples", "scst_batch_size",
                  "scst_baseline", "patience", "device", "num_workers", "precision", "compile")
-    # Accepted ranges, bounds included: wide enough for any real run, narrow enough that no value exhausts memory
-    # or time before the first epoch, and finite (NaN and infinity are outside every range).
-    LIMITS = {"embed_size": (1, 8192), "hidden_size": (1, 8192), "num_layers": (1, 8), "batch_size": (1, 65536),
-              "max_caption_length": (1, 100), "beam_size": (1, 64), "max_length": (1, 100), "scst_samples": (1, 64),
-              "scst_batch_size": (1, 65536), "min_word_count": (1, 10**9), "epochs": (0, 10000),
-              "scst_epochs": (0, 10000), "patience": (0, 10000), "warmup_steps": (0, 10**9), "num_workers": (0, 256),
-              "seed": (0, 2**63 - 1), "lr": (0, 1), "encoder_lr": (0, 1), "scst_lr": (0, 1), "weight_decay": (0, 1),
-              "grad_clip": (0, 1e6), "length_penalty": (-10, 10)}
-
     def validate(self) -> None:
-        self.check_types(asdict(self), "options")
+        """Types and ranges (from each field's metadata, like every option dataclass), then combinations."""
+        check_fields(self, ConfigError)
         for name in ("images", "train_captions"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is required")
-        for name, (low, high) in self.LIMITS.items():
-            if not low <= getattr(self, name) <= high:
-                raise ConfigError(f"{name} must be between {low} and {high}, not {getattr(self, name)}")
         if self.epochs + self.scst_epochs < 1:
             raise ConfigError("nothing to train: epochs and scst_epochs are both 0")
         if not all(0 <= v < 1 for v in (self.dropout, self.input_dropout, self.label_smoothing)) or \
@@ -157,26 +143,9 @@ class TrainConfig:
         unknown = sorted(set(normalised) - names)
         if unknown:
             raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
-        cls.check_types(normalised, source)
+        check_options(cls, normalised, ConfigError, source)
         return cls(**normalised)
 
-    @staticmethod
-    def check_types(values: dict, source: str) -> None:
-        """Each value has its option's type (a bool is not an int; an int may stand for a float) and is one of
-        its choices, so that a config file's ``epochs = "3"`` is a one-line error naming the file and key."""
-        for item in fields(TrainConfig):
-            if item.name not in values:
-                continue
-            value, kind = values[item.name], item.type
-            if not isinstance(value, _TYPES[kind]) or (isinstance(value, bool) and kind != "bool"):
-                raise ConfigError(f"{source}: {item.name} must be {_TYPE_NAMES[kind]}, not {reprlib.repr(value)}")
-            if value not in item.metadata.get("choices", (value,)):
-                raise ConfigError(f"{source}: {item.name} must be one of {', '.join(item.metadata['choices'])}, "
-                                  f"not {reprlib.repr(value)}")
-
-
-_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
-_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -210,6 +179,9 @@ def _report_skipped(path: str, report) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ state
+_PROGRESS_TYPES = {"int": int, "float": (int, float), "str": str}
+
+
 @dataclass
 class Progress:
     """What ``trainer.json`` records between epochs."""
@@ -373,7 +345,7 @@ class Trainer:
         try:
             self.progress = Progress(**saved["progress"])
             for item in fields(Progress):
-                if not isinstance(getattr(self.progress, item.name), _TYPES.get(item.type, list)):
+                if not isinstance(getattr(self.progress, item.name), _PROGRESS_TYPES.get(item.type, list)):
                     raise TypeError(f"progress.{item.name} has the wrong type")
             self.optimizer, self.scheduler = self._optimizer(self.progress.phase)
             _restore_optimizer(self.optimizer, tensors, saved["optimizer"])

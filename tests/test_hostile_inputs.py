@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from captioner import Captioner, CaptionerError, CheckpointError, ConfigError, GenerationConfig, ImageError
 from captioner.images import load_image
-from conftest import IN_CI, ROOT
+from conftest import IN_CI, ROOT, need
 
 PEAK_LIMIT_MB = 2500  # the bundled model captions a photo at about 0.9 GB peak
 
@@ -324,8 +324,8 @@ def test_cli_reports_and_skips_unreadable_files(checkpoint_dir, bad_and_good):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(os, "getuid") or shutil.which("setpriv") is None, reason="needs setpriv")
 def test_cli_skips_a_file_without_read_permission(checkpoint_dir, synthetic, tmp_path):
+    need(os.getuid() != 0 or shutil.which("setpriv") is not None, "setpriv (util-linux) is needed to test as root")
     locked = tmp_path / "locked.png"
     shutil.copy(sorted((synthetic / "images").glob("test_*.png"))[1], locked)
     locked.chmod(0)

@@ -147,6 +147,7 @@ def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES):
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    os.chmod(path, 0o644)  # safetensors creates files 0600; a checkpoint is meant to be shared like its JSON
 
 
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:

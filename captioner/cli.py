@@ -282,11 +282,18 @@ def _export_parser(sub) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from safetensors import safe_open
+
     from .decoding import GenerationConfig
     from .model import Captioner
 
     model = Captioner.from_pretrained(args.model, device="cpu")
     model.generation_config = model.generation_config.updated(**explicit_options(args, GenerationConfig))
+    with safe_open(str(Path(args.model) / "model.safetensors"), "pt") as weights:
+        stored_half = any(weights.get_slice(name).get_dtype() == "F16" for name in weights.keys())
+    if stored_half and not args.half_precision:
+        log.warning("%s stores float16 weights; the copy is float32 (twice the size) unless --half-precision",
+                    args.model)
     out = model.save_pretrained(args.out, half_precision=args.half_precision)
     size = sum(p.stat().st_size for p in Path(out).iterdir()) / 1e6
     print(f"{out}: {size:.1f} MB, default decoding {model.generation_config.to_dict()}")

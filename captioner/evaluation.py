@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import time
 
+from tqdm.auto import tqdm
+
 from .data import load_captions
 from .metrics import ALL_METRICS, score_captions
 from .model import Captioner
+
+PROGRESS_CHUNK = 64  # images encoded and captioned between progress updates
 
 
 def evaluate(images: str | os.PathLike, captions: str | os.PathLike, model: Captioner | str | None = None,
@@ -23,8 +27,13 @@ def evaluate(images: str | os.PathLike, captions: str | os.PathLike, model: Capt
     config = model.generation_config.updated(**options)  # bad options fail before the long encoding
     records, _ = load_captions(captions, images, split)
     started = time.perf_counter()
-    features = model.encode([r.path for r in records])
-    generated = model.generate(features, config, batch_size=batch_size)
+    generated: list = []
+    step = max(PROGRESS_CHUNK, batch_size)
+    with tqdm(total=len(records), desc="captioning", unit="image", leave=False) as bar:
+        for start in range(0, len(records), step):
+            chunk = records[start:start + step]
+            generated.extend(model.generate(model.encode([r.path for r in chunk]), config, batch_size=batch_size))
+            bar.update(len(chunk))
     seconds = time.perf_counter() - started
     predictions = {i: result[0].text for i, result in enumerate(generated)}
     scores = score_captions(predictions, {i: r.captions for i, r in enumerate(records)}, metrics)

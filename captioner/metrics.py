@@ -73,7 +73,7 @@ def tokenize_for_scoring(texts: Mapping[object, Sequence[str]]) -> dict:
 
 
 def score_captions(predictions: Mapping[object, str], references: Mapping[object, Sequence[str]],
-                   metrics: Iterable[str] = ALL_METRICS) -> dict[str, float]:
+                   metrics: Iterable[str] = ALL_METRICS) -> dict[str, float | int]:
     """Corpus scores of one predicted caption per image against its references.
 
     Returns ``BLEU-1`` .. ``BLEU-4``, ``METEOR``, ``ROUGE-L``, ``CIDEr-D`` (those requested and
@@ -109,7 +109,7 @@ def score_captions(predictions: Mapping[object, str], references: Mapping[object
         scores["CIDEr-D"] = float(Cider().compute_score(gts, res)[0])
     texts = [predictions[k] for k in keys]
     scores["distinct_captions"] = len(set(texts)) / max(1, len(texts))
-    scores["vocabulary_used"] = float(len({w for i in range(len(keys)) for w in res[i][0].split()}))
+    scores["vocabulary_used"] = len({w for i in range(len(keys)) for w in res[i][0].split()})
     return scores
 
 

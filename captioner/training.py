@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 TRAINER_FILE, STATE_FILE = "trainer.json", "training_state.safetensors"
 AUGMENTATIONS = {"none": ("center",), "flip": ("center", "flip"), "tencrop": VIEWS}
 LOG_FILE, PLOT_FILE, LOCK_FILE = "log.jsonl", "training.png", ".lock"
+COLLAPSE_THRESHOLD = 0.1  # distinct validation captions per image below which training warns
 
 
 @dataclass
@@ -364,12 +365,17 @@ class Trainer:
         """Train to the end (or until ``stop_after_epoch`` epochs are complete); return ``best/``."""
         config, progress = self.config, self.progress
         total = config.epochs + config.scst_epochs
+        if progress.epoch >= total or (self._patience_spent() and (progress.phase == "scst" or not config.scst_epochs)):
+            log.info("this run is already finished (%d epochs done); nothing to resume", progress.epoch)
         while progress.epoch < total:
             if progress.phase == "xe" and (progress.epoch >= config.epochs or self._patience_spent()):
+                if self._patience_spent():
+                    self._say_stopped_early()
                 if not config.scst_epochs:
                     break
                 self._start_scst()
             if progress.phase == "scst" and self._patience_spent():
+                self._say_stopped_early()
                 break
             started = time.time()
             loss = self._scst_epoch() if progress.phase == "scst" else self._xe_epoch()
@@ -383,6 +389,11 @@ class Trainer:
 
     def _patience_spent(self) -> bool:
         return self.progress.stale_epochs >= self.config.patience > 0
+
+    def _say_stopped_early(self) -> None:
+        log.info("%s stopped early after epoch %d: no better validation %s for %d epochs (patience); best was "
+                 "epoch %d", "SCST" if self.progress.phase == "scst" else "cross-entropy", self.progress.epoch,
+                 self.config.select_metric, self.config.patience, self.progress.best_epoch)
 
     def _start_scst(self) -> None:
         """Continue from the best cross-entropy model, with the SCST optimizer."""
@@ -552,6 +563,10 @@ class Trainer:
         log.info("epoch %d %s loss %.4f | BLEU-4 %.4f CIDEr-D %.4f%s | %.0fs", progress.epoch, progress.phase, loss,
                  scores.get("BLEU-4", float("nan")), scores.get("CIDEr-D", float("nan")),
                  " (best)" if improved else "", seconds)
+        if scores.get("distinct_captions", 1.0) < COLLAPSE_THRESHOLD:
+            log.warning("validation captions have collapsed: only %.0f%% of images get a distinct caption (the model "
+                        "says the same thing for most photos); more data, more epochs or a lower learning rate may help",
+                        100 * scores["distinct_captions"])
 
 
 @contextmanager
@@ -608,9 +623,13 @@ def _write_log(out: Path, history: list[dict], metric: str) -> None:
     epochs = [e["epoch"] for e in history]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     left.plot(epochs, [e["loss"] for e in history], marker="o")
-    left.set(title="training loss (SCST: minus mean reward)", xlabel="epoch")
+    scst = any(e["phase"] == "scst" for e in history)
+    left.set(title="training loss" + (" (SCST epochs: minus mean reward)" if scst else ""), xlabel="epoch")
     for name in dict.fromkeys(["BLEU-4", "CIDEr-D", metric]):
         right.plot(epochs, [e.get(name, float("nan")) for e in history], marker="o", label=name)
+    best = max((e for e in history if e.get("best")), key=lambda e: e["epoch"], default=None)
+    if best is not None:
+        right.axvline(best["epoch"], color="grey", linestyle="--", label=f"best (epoch {best['epoch']})")
     right.set(title="validation", xlabel="epoch")
     right.legend()
     figure.tight_layout()

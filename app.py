@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from captioner.errors import CaptionerError
+from captioner.onnx_engine import ENGINES
 
 
 def main() -> int:
@@ -16,11 +17,14 @@ def main() -> int:
     parser.add_argument("--host", help="interface to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
+    parser.add_argument("--engine", default="auto", choices=ENGINES,
+                        help="ONNX Runtime (CPU, needs the model's ONNX export) or PyTorch; auto: ONNX Runtime "
+                             "when on the CPU and exported (default: auto)")
     args = parser.parse_args()
     from captioner.webapp import launch
 
     try:
-        launch(args.model, args.host, args.port, args.device)
+        launch(args.model, args.host, args.port, args.device, engine=args.engine)
     except CaptionerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

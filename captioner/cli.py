@@ -111,11 +111,15 @@ def _train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- caption
 def _decoding_options(parser: argparse.ArgumentParser) -> None:
     from .decoding import GenerationConfig
+    from .onnx_engine import ENGINES
 
     group = parser.add_argument_group("decoding (defaults come from the model's config.json)")
     add_dataclass_options(group, GenerationConfig, DECODING_HELP)
     parser.add_argument("--model", help="checkpoint directory (default: the bundled model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
+    parser.add_argument("--engine", default="auto", choices=ENGINES,
+                        help="run the model with ONNX Runtime (CPU, needs the model's ONNX export) or PyTorch; "
+                             "auto: ONNX Runtime when on the CPU and exported (default: auto)")
     parser.add_argument("--batch-size", type=int, default=32, help="images decoded together (default: 32)")
 
 
@@ -152,7 +156,7 @@ def _caption(args: argparse.Namespace) -> int:
     options = explicit_options(args, GenerationConfig)
     if args.num_return_sequences_alias is not None:
         options["num_return_sequences"] = args.num_return_sequences_alias
-    model = Captioner.from_pretrained(args.model, device=args.device)
+    model = Captioner.from_pretrained(args.model, device=args.device, engine=args.engine)
     model.generation_config.updated(**options)  # reject bad options before any work
     files = find_images(args.paths)
     if not files:
@@ -216,7 +220,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .decoding import GenerationConfig
 
     result = evaluate(args.images, args.captions, model=args.model, split=args.split, device=args.device,
-                      batch_size=args.batch_size, **explicit_options(args, GenerationConfig))
+                      engine=args.engine, batch_size=args.batch_size, **explicit_options(args, GenerationConfig))
     if args.out:
         Path(args.out).write_text(json.dumps(result["metrics"], indent=2) + "\n", encoding="utf-8")
     if args.predictions:
@@ -231,11 +235,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _export_parser(sub) -> None:
     from .decoding import GenerationConfig
 
-    parser = sub.add_parser("export", help="copy a checkpoint for inference, optionally in float16 and with new "
-                                           "default decoding settings", parents=[_common()])
+    parser = sub.add_parser("export", help="copy a checkpoint for inference, optionally in float16, with new "
+                                           "default decoding settings or with ONNX graphs", parents=[_common()])
     parser.add_argument("model", help="checkpoint directory to read (e.g. runs/x/best)")
-    parser.add_argument("out", help="directory to write (replaced atomically)")
+    parser.add_argument("out", help="directory to write (replaced atomically); with --format onnx it may be MODEL "
+                                    "itself, to add the ONNX graphs beside its files")
     parser.add_argument("--half-precision", action="store_true", help="store decoder weights as float16 (half size)")
+    parser.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
+                        help="onnx: also write encoder.onnx, decoder_init.onnx and decoder_step.onnx for ONNX "
+                             "Runtime (default: safetensors only)")
     group = parser.add_argument_group("default decoding stored in the copy (unchanged unless given)")
     add_dataclass_options(group, GenerationConfig, DECODING_HELP)
     parser.set_defaults(handler=_export)
@@ -244,10 +252,20 @@ def _export_parser(sub) -> None:
 def _export(args: argparse.Namespace) -> int:
     from .decoding import GenerationConfig
     from .model import Captioner
+    from .onnx_engine import export_onnx
 
-    model = Captioner.from_pretrained(args.model, device="cpu")
-    model.generation_config = model.generation_config.updated(**explicit_options(args, GenerationConfig))
-    out = model.save_pretrained(args.out, half_precision=args.half_precision)
+    options = explicit_options(args, GenerationConfig)
+    model = Captioner.from_pretrained(args.model, device="cpu", engine="torch")
+    out = Path(args.out)
+    if out.resolve() != Path(args.model).resolve():
+        model.generation_config = model.generation_config.updated(**options)
+        out = model.save_pretrained(out, half_precision=args.half_precision)
+        if args.format == "onnx":  # the graphs must hold exactly the weights saved (float16-rounded, say)
+            model = Captioner.from_pretrained(out, device="cpu", engine="torch")
+    elif args.format != "onnx" or options or args.half_precision:
+        raise ConfigError("OUT may be MODEL only to add ONNX graphs (--format onnx, no other options)")
+    if args.format == "onnx":
+        export_onnx(model.encoder, model.decoder, out)
     size = sum(p.stat().st_size for p in Path(out).iterdir()) / 1e6
     print(f"{out}: {size:.1f} MB, default decoding {model.generation_config.to_dict()}")
     return 0

@@ -16,7 +16,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, onnx_engine
 from .decoder import Decoder, DecoderConfig
 from .decoding import Caption, GenerationConfig, generate, sequence_log_probs, to_captions
 from .encoder import Encoder, EncoderConfig, resolve_weights
@@ -80,11 +80,17 @@ class Captioner(nn.Module):
                                   f"encoder {encoder.config.name} gives {encoder.config.feature_size}")
         self.encoder, self.decoder, self.vocab = encoder, decoder, vocab
         self.generation_config = generation or GenerationConfig()
+        self.onnx_runtime: onnx_engine.OnnxRuntime | None = None  # set: encode/generate run on ONNX Runtime
         self.eval()
 
     @property
     def config(self) -> CaptionerConfig:
         return CaptionerConfig(self.encoder.config, self.decoder.config, self.generation_config)
+
+    @property
+    def engine(self) -> str:
+        """``"onnx"`` or ``"torch"``: what runs ``encode`` and ``generate`` (``score`` always runs on PyTorch)."""
+        return "torch" if self.onnx_runtime is None else "onnx"
 
     @property
     def device(self) -> torch.device:
@@ -93,11 +99,13 @@ class Captioner(nn.Module):
     # ---------------------------------------------------------------- loading and saving
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device = "auto",
-                        encoder_weights: str | os.PathLike | None = None) -> "Captioner":
+                        encoder_weights: str | os.PathLike | None = None, engine: str = "auto") -> "Captioner":
         """Load a checkpoint directory; with no ``path``, the bundled model in ``assets/model``.
 
         Pretrained encoder weights are resolved as in training (see :mod:`captioner.encoder`) unless
         the checkpoint carries its own (fine-tuned or user-supplied); ``encoder_weights`` overrides.
+        ``engine``: ``"torch"``, ``"onnx"`` (ONNX Runtime on the CPU, from the directory's ONNX export)
+        or ``"auto"`` (ONNX Runtime when on the CPU with an export and onnxruntime installed).
         """
         if path is None:
             path = BUNDLED_MODEL
@@ -127,7 +135,12 @@ class Captioner(nn.Module):
                       f"missing {missing[:3]}, unexpected {unexpected[:3]}")
             raise CheckpointError(f"{path}: weights do not match config.json ({detail})")
         decoder.load_state_dict({k: v.float() for k, v in weights.items()})
-        return cls(encoder, decoder, vocab, config.generation).to(pick_device(device))
+        device = pick_device("cpu" if engine == "onnx" and str(device) == "auto" else device)
+        engine = onnx_engine.resolve_engine(engine, path, device, custom_encoder=encoder_weights is not None)
+        model = cls(encoder, decoder, vocab, config.generation).to(device)
+        if engine == "onnx":
+            model.onnx_runtime = onnx_engine.load_runtime(path, config.encoder, config.decoder)
+        return model
 
     def save_pretrained(self, path: str | os.PathLike, half_precision: bool = False,
                         extra_files: dict[str, callable] | None = None) -> Path:
@@ -160,10 +173,11 @@ class Captioner(nn.Module):
         """
         images = _as_list(images)
         batch_size = batch_size or (1 if self.device.type == "cpu" else 32)
+        encoder = self.encoder if self.onnx_runtime is None else self.onnx_runtime.encoder
         chunks = []
         for start in range(0, len(images), batch_size):
             pixels = torch.stack([self.encoder.preprocess(load_image(image)) for image in images[start:start + batch_size]])
-            chunks.append(self.encoder(pixels.to(self.device)))
+            chunks.append(encoder(pixels.to(self.device)))
         if not chunks:
             return torch.empty((0, self.encoder.config.feature_size), device=self.device)
         return torch.cat(chunks)
@@ -176,9 +190,10 @@ class Captioner(nn.Module):
         Images are processed ``batch_size`` at a time, so memory stays bounded for long lists.
         """
         config = self.generation_config.updated(**options)
+        decoder = self.decoder if self.onnx_runtime is None else self.onnx_runtime.decoder
         results: list[list[Caption]] = []
         for features in self._feature_batches(inputs, batch_size):
-            results.extend(to_captions(generate(self.decoder, features, config), self.vocab))
+            results.extend(to_captions(generate(decoder, features, config), self.vocab))
         return results
 
     def caption(self, images: ImageInput | Sequence[ImageInput] | torch.Tensor, **options) -> str | list[str]:

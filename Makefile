@@ -32,6 +32,7 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/decode_speed.py
+	$(PY) benchmarks/onnx_speed.py
 	GRADIO_ANALYTICS_ENABLED=False $(PY) benchmarks/load_test.py
 
 clean:

@@ -205,7 +205,8 @@ class Captioner(nn.Module):
     def score(self, images: Inputs, captions: str | Sequence[str]) -> float | list[float]:
         """Log-likelihood of each given caption (words plus ``<end>``) for the matching image.
 
-        Words outside the vocabulary count as ``<unk>``.
+        Words outside the vocabulary count as ``<unk>``. Runs on PyTorch whatever the engine: teacher
+        forcing needs the decoder's ``forward``, which the ONNX export does not include.
         """
         batch = _is_batch(images)
         texts = [captions] if isinstance(captions, str) else list(captions)

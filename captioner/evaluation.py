@@ -16,14 +16,15 @@ PROGRESS_CHUNK = 64  # images encoded and captioned between progress updates
 
 def evaluate(images: str | os.PathLike, captions: str | os.PathLike, model: Captioner | str | None = None,
              split: str = "test", device: str = "auto", batch_size: int = 32, metrics=ALL_METRICS,
-             **options) -> dict:
+             engine: str = "auto", **options) -> dict:
     """Return ``{"metrics": {...}, "predictions": [{"image_id", "caption"}]}`` for one split.
 
     ``model`` is a loaded :class:`Captioner`, a checkpoint directory, or ``None`` for the bundled
-    model; ``options`` are decoding options (``beam_size=5``...).
+    model (run by ``engine``, see :meth:`Captioner.from_pretrained`); ``options`` are decoding options
+    (``beam_size=5``...).
     """
     if not isinstance(model, Captioner):
-        model = Captioner.from_pretrained(model, device=device)
+        model = Captioner.from_pretrained(model, device=device, engine=engine)
     config = model.generation_config.updated(**options)  # bad options fail before the long encoding
     records, _ = load_captions(captions, images, split)
     started = time.perf_counter()
@@ -39,5 +40,6 @@ def evaluate(images: str | os.PathLike, captions: str | os.PathLike, model: Capt
     scores = score_captions(predictions, {i: r.captions for i, r in enumerate(records)}, metrics)
     scores["images"] = len(records)
     scores["seconds"] = round(seconds, 1)
+    scores["engine"] = model.engine
     return {"metrics": scores,
             "predictions": [{"image_id": r.image_id, "caption": predictions[i]} for i, r in enumerate(records)]}

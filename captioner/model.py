@@ -16,7 +16,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, onnx_engine
 from .decoder import Decoder, DecoderConfig
 from .decoding import Caption, GenerationConfig, generate, sequence_log_probs, to_captions
 from .bounds import check_value
@@ -87,11 +87,17 @@ class Captioner(nn.Module):
                                   f"encoder {encoder.config.name} gives {encoder.config.feature_size}")
         self.encoder, self.decoder, self.vocab = encoder, decoder, vocab
         self.generation_config = generation or GenerationConfig()
+        self.onnx_runtime: onnx_engine.OnnxRuntime | None = None  # set: encode/generate run on ONNX Runtime
         self.eval()
 
     @property
     def config(self) -> CaptionerConfig:
         return CaptionerConfig(self.encoder.config, self.decoder.config, self.generation_config)
+
+    @property
+    def engine(self) -> str:
+        """``"onnx"`` or ``"torch"``: what runs ``encode`` and ``generate`` (``score`` always runs on PyTorch)."""
+        return "torch" if self.onnx_runtime is None else "onnx"
 
     @property
     def device(self) -> torch.device:
@@ -100,11 +106,13 @@ class Captioner(nn.Module):
     # ---------------------------------------------------------------- loading and saving
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device = "auto",
-                        encoder_weights: str | os.PathLike | None = None) -> "Captioner":
+                        encoder_weights: str | os.PathLike | None = None, engine: str = "auto") -> "Captioner":
         """Load a checkpoint directory; with no ``path``, the bundled model in ``assets/model``.
 
         Pretrained encoder weights are resolved as in training (see :mod:`captioner.encoder`) unless
         the checkpoint carries its own (fine-tuned or user-supplied); ``encoder_weights`` overrides.
+        ``engine``: ``"torch"``, ``"onnx"`` (ONNX Runtime on the CPU, from the directory's ONNX export)
+        or ``"auto"`` (ONNX Runtime when on the CPU with an export and onnxruntime installed).
         """
         if path is None:
             path = BUNDLED_MODEL
@@ -119,7 +127,8 @@ class Captioner(nn.Module):
         weights_file = path / checkpoint.MODEL_FILE
         checkpoint.check_shapes(checkpoint.tensor_shapes(weights_file), config.decoder.weight_shapes(),
                                 f"{path}: weights do not match config.json")
-        device = pick_device(device)
+        device = pick_device("cpu" if engine == "onnx" and str(device) == "auto" else device)
+        engine = onnx_engine.resolve_engine(engine, path, device, custom_encoder=encoder_weights is not None)
         stored = path / checkpoint.ENCODER_FILE
         if encoder_weights is not None:
             state, _, source = resolve_weights(config.encoder.name, encoder_weights)
@@ -135,7 +144,10 @@ class Captioner(nn.Module):
         checkpoint.check_values(weights, str(weights_file))
         decoder = Decoder(config.decoder)
         decoder.load_state_dict({k: v.float() for k, v in weights.items()})
-        return cls(encoder, decoder, vocab, config.generation).to(device)
+        model = cls(encoder, decoder, vocab, config.generation).to(device)
+        if engine == "onnx":
+            model.onnx_runtime = onnx_engine.load_runtime(path, config.encoder, config.decoder)
+        return model
 
     def save_pretrained(self, path: str | os.PathLike, half_precision: bool = False,
                         extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
@@ -181,9 +193,10 @@ class Captioner(nn.Module):
         if batch_size is None:
             batch_size = 1 if self.device.type == "cpu" else 32
         batch_size = check_batch_size(batch_size)
+        encoder = self.encoder if self.onnx_runtime is None else self.onnx_runtime.encoder
         chunks = [torch.empty((0, self.encoder.config.feature_size), device=self.device)]
         for start in range(0, len(pixels), batch_size):
-            chunks.append(self.encoder(pixels[start:start + batch_size].to(self.device)))
+            chunks.append(encoder(pixels[start:start + batch_size].to(self.device)))
         return torch.cat(chunks)
 
     def generate(self, inputs: Inputs, generation_config: GenerationConfig | None = None, batch_size: int = 32,
@@ -199,9 +212,10 @@ class Captioner(nn.Module):
         if options:
             config = config.updated(**options)
         batch_size = check_batch_size(batch_size)
+        decoder = self.decoder if self.onnx_runtime is None else self.onnx_runtime.decoder
         results: list[list[Caption]] = []
         for features in self._feature_batches(inputs, batch_size):
-            results.extend(to_captions(generate(self.decoder, features, config), self.vocab))
+            results.extend(to_captions(generate(decoder, features, config), self.vocab))
         return results
 
     def caption(self, images: ImageInput | Sequence[ImageInput] | torch.Tensor, **options) -> str | list[str]:
@@ -224,7 +238,8 @@ class Captioner(nn.Module):
     def score(self, images: Inputs, captions: str | Sequence[str]) -> float | list[float]:
         """Log-likelihood of each given caption (words plus ``<end>``) for the matching image.
 
-        Words outside the vocabulary count as ``<unk>``.
+        Words outside the vocabulary count as ``<unk>``. Runs on PyTorch whatever the engine: teacher
+        forcing needs the decoder's ``forward``, which the ONNX export does not include.
         """
         batch = _is_batch(images)
         texts = [captions] if isinstance(captions, str) else list(captions)

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 from .errors import CaptionerError, ConfigError  # noqa: E402
 from .model import Captioner  # noqa: E402
+from .onnx_engine import ENGINE_NAMES  # noqa: E402
 from .runtime import ASSETS, EXAMPLES_DIR  # noqa: E402
 
 
@@ -115,7 +116,7 @@ def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam sea
     beam = f", beam {config.beam_size}" if mode == "beam" else ""
     timing = (f"{(finished - started) * 1000:.0f} ms: encoder {(encoded - started) * 1000:.0f} ms, "
               f"decoder {(finished - encoded) * 1000:.0f} ms ({mode}{beam}, {model.encoder.config.name}, "
-              f"{model.device.type})")
+              f"{model.device.type}, {ENGINE_NAMES[model.engine]})")
     return PhotoResult(best.text, rows, words, dict(labels), timing)
 
 
@@ -223,10 +224,14 @@ def build_demo(model: Captioner, bundled: bool = True) -> gr.Blocks:
 
 
 def launch(model_dir: str | None = None, host: str | None = None, port: int | None = None,
-           device: str = "auto", block: bool = True) -> gr.Blocks:
-    """Load the model once, then serve the demo (127.0.0.1:7860 unless told otherwise)."""
+           device: str = "auto", block: bool = True, engine: str = "auto") -> gr.Blocks:
+    """Load the model once, then serve the demo (127.0.0.1:7860 unless told otherwise).
+
+    ``engine="auto"`` serves with ONNX Runtime, the faster engine on a CPU, when the model has an ONNX
+    export (``make setup`` writes the bundled model's).
+    """
     torch.set_grad_enabled(False)
-    model = Captioner.from_pretrained(model_dir, device=device)
+    model = Captioner.from_pretrained(model_dir, device=device, engine=engine)
     demo = build_demo(model, bundled=model_dir is None)
     demo.launch(server_name=host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                 server_port=int(port or os.environ.get("GRADIO_SERVER_PORT", 7860)), share=False,

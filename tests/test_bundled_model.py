@@ -21,7 +21,8 @@ def bundled() -> Captioner:
 
 
 def test_bundled_model_is_a_small_safe_checkpoint():
-    files = {p.name: p.stat().st_size for p in BUNDLED_MODEL.iterdir()}
+    # The ONNX graphs beside it are written by `make setup` and git-ignored: not part of the shipped size.
+    files = {p.name: p.stat().st_size for p in BUNDLED_MODEL.iterdir() if p.suffix != ".onnx"}
     assert {"config.json", "vocab.json", "model.safetensors"} <= set(files)
     assert not [name for name in files if name.endswith((".pt", ".pth", ".bin", ".pkl"))]
     assert sum(files.values()) <= 25 * 2**20

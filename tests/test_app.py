@@ -196,7 +196,9 @@ def test_browser_upload_and_caption(server, synthetic, trained_model, tmp_path):
         box = page.locator("#best-caption textarea")
         page.wait_for_function("el => el.value.length > 0", arg=box.element_handle(), timeout=60_000)
         caption = box.input_value()
-        page.locator("input[type=file]").first.set_input_files(str(Path(__file__)))  # not an image
+        broken = tmp_path / "broken.png"
+        broken.write_bytes(b"not a PNG at all")
+        page.locator("input[type=file]").first.set_input_files(str(broken))
         page.wait_for_function("() => document.querySelector('#status').innerText.includes('not an image')",
                                timeout=60_000)
         error = page.locator("#status").inner_text()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -150,19 +151,9 @@ def bundled_server(tmp_path_factory):
 def test_browser_one_click_example_shows_readable_results(bundled_server, tmp_path):
     """At 1280 px: an example click captions at once; the n-best table fits, its numbers are in (0, 1]
     and sorted as shown; every word shows its probability; the page says what the model knows."""
-    need(Path(CHROMIUM).exists(), "Debian's chromium is not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--disable-quic"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(bundled_server)
+    with chromium_page(bundled_server) as page:
         page.get_by_text("dog and frisbee", exact=True).click()  # no press of the Caption button
-        box = page.locator("#best-caption textarea")
-        page.wait_for_function("el => el.value.length > 0", arg=box.element_handle(), timeout=60_000)
-        caption = box.input_value()
+        caption = wait_for_caption(page)
         page.wait_for_timeout(500)
         table = page.locator("#nbest")
         overflow = table.evaluate("el => [...el.querySelectorAll('*')].some(c => c.scrollWidth > c.clientWidth + 1 "
@@ -172,7 +163,6 @@ def test_browser_one_click_example_shows_readable_results(bundled_server, tmp_pa
         labels = page.locator("#cnn-labels").inner_text()
         text = page.locator("body").inner_text()
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
-        browser.close()
     assert caption and not overflow
     shares = [float(row.split("\n")[-2].strip().rstrip("%")) / 100 for row in rows]
     assert len(shares) == 3 and all(0 < s <= 1 for s in shares) and shares == sorted(shares, reverse=True)
@@ -182,26 +172,39 @@ def test_browser_one_click_example_shows_readable_results(bundled_server, tmp_pa
 
 
 def test_browser_upload_and_caption(server, synthetic, trained_model, tmp_path):
-    need(Path(CHROMIUM).exists(), "Debian's chromium is not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
     image = sorted((synthetic / "images").glob("test_*.png"))[3]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--disable-quic"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(server)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a PNG at all")
+    with chromium_page(server) as page:
         page.locator("input[type=file]").first.set_input_files(str(image))  # an upload captions at once
-        box = page.locator("#best-caption textarea")
-        page.wait_for_function("el => el.value.length > 0", arg=box.element_handle(), timeout=60_000)
-        caption = box.input_value()
-        broken = tmp_path / "broken.png"
-        broken.write_bytes(b"not a PNG at all")
+        caption = wait_for_caption(page)
         page.locator("input[type=file]").first.set_input_files(str(broken))
         page.wait_for_function("() => document.querySelector('#status').innerText.includes('not an image')",
                                timeout=60_000)
         error = page.locator("#status").inner_text()
-        browser.close()
     assert caption == caption_photo(trained_model, str(image)).best
     assert "not an image" in error and str(ROOT) not in error
+
+
+@contextmanager
+def chromium_page(url: str):
+    """A 1280x900 page of ``url`` in Debian's headless Chromium (required under CI)."""
+    need(Path(CHROMIUM).exists(), "Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
+
+
+def wait_for_caption(page) -> str:
+    box = page.locator("#best-caption textarea")
+    page.wait_for_function("el => el.value.length > 0", arg=box.element_handle(), timeout=60_000)
+    return box.input_value()

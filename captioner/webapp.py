@@ -10,6 +10,7 @@ endpoint ``/caption`` returns the best caption as its first output.
 from __future__ import annotations
 
 import html
+import logging
 import math
 import os
 import time
@@ -26,6 +27,8 @@ from .model import Captioner  # noqa: E402
 from .onnx_engine import ENGINE_NAMES  # noqa: E402
 from .runtime import ASSETS, EXAMPLES_DIR  # noqa: E402
 
+
+log = logging.getLogger(__name__)
 
 MAX_FILE_SIZE = "20mb"
 CONCURRENCY_LIMIT = 2  # requests decoded at once; the rest wait in the queue
@@ -85,7 +88,7 @@ def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam sea
     beam to the number of captions asked for. Bad input raises ``gr.Error`` with one line naming the upload.
     """
     if image is None:
-        raise gr.Error("no image: upload, paste, drop or take a photo first")
+        raise user_error("no image: upload, paste, drop or take a photo first")
     mode = STRATEGY_LABELS.get(strategy, strategy)
     try:
         num_captions = _whole(num_captions, "num_captions")
@@ -103,7 +106,7 @@ def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam sea
         finished = time.perf_counter()
         labels = model.classify(features, TOP_LABELS)[0]
     except CaptionerError as exc:  # name the upload, not where the server keeps it
-        raise gr.Error(str(exc).replace(str(image), Path(image).name).replace(os.getcwd(), ".")) from None
+        raise user_error(str(exc).replace(str(image), Path(image).name).replace(os.getcwd(), ".")) from None
     # Shares of the n-best mass and per-word probabilities: numbers a person can read, unlike a whole
     # caption's probability (about 1e-5). Rows are ordered by share, the order of the model's likelihood.
     top = max(c.log_prob for c in captions)
@@ -118,6 +121,12 @@ def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam sea
               f"decoder {(finished - encoded) * 1000:.0f} ms ({mode}{beam}, {model.encoder.config.name}, "
               f"{model.device.type}, {ENGINE_NAMES[model.engine]})")
     return PhotoResult(best.text, rows, words, dict(labels), timing)
+
+
+def user_error(message: str) -> gr.Error:
+    """A bad request: one line in the server's log (not Gradio's traceback) and a ``gr.Error`` for the user."""
+    log.warning("refused a request: %s", message)
+    return gr.Error(message, print_exception=False)
 
 
 def words_html(words: list[tuple[str, float]]) -> str:

@@ -28,14 +28,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+SERVER_LOGS: dict[str, Path] = {}  # url -> the server's console output
+
+
 def serve(args: list[str], tmp_path_factory):
     """Run `python app.py ARGS` on a free port until the module's tests are done; yield its URL."""
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_PORT": str(port)}
-    log = open(tmp_path_factory.mktemp("app-log") / "server.log", "w+")
+    log_path = tmp_path_factory.mktemp("app-log") / "server.log"
+    log = open(log_path, "w+")
     process = subprocess.Popen([sys.executable, "app.py", *args], cwd=ROOT, env=env,
                                stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
+    SERVER_LOGS[url] = log_path
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -95,6 +100,19 @@ def test_api_reports_bad_uploads_and_keeps_serving(client, synthetic, tmp_path):
             client.predict(handle_file(str(bad)), api_name="/caption")
     good = sorted((synthetic / "images").glob("test_*.png"))[1]
     assert client.predict(handle_file(str(good)), api_name="/caption")[0]
+
+
+def test_server_logs_one_line_per_refused_upload(client, server, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    bad = tmp_path / "scribble.png"
+    bad.write_text("not an image either")
+    with pytest.raises(AppError):
+        client.predict(handle_file(str(bad)), api_name="/caption")
+    time.sleep(1)
+    console = SERVER_LOGS[server].read_text()
+    assert "refused a request: scribble.png: not an image" in console and "Traceback" not in console
 
 
 def test_api_sees_the_original_upload_like_the_python_api(client, trained_model, tmp_path):

@@ -88,6 +88,17 @@ def limit_aspect_ratio(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) 
     return image.crop((0, top, width, top + long_max))
 
 
+class ImageTransform(nn.Module):
+    """The aspect-ratio limit, then the weights' own preset (a module, so DataLoader workers can pickle it)."""
+
+    def __init__(self, preset: ImageClassification):
+        super().__init__()
+        self.preset = preset
+
+    def forward(self, image: Image.Image) -> torch.Tensor:
+        return self.preset(limit_aspect_ratio(image))
+
+
 @dataclass
 class Preprocessing:
     """Resize, centre-crop and normalise, as the weights were trained; stored in config.json."""
@@ -115,11 +126,10 @@ class Preprocessing:
         return cls(preset.resize_size[0], preset.crop_size[0], list(preset.mean), list(preset.std),
                    preset.interpolation.value)
 
-    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+    def transform(self) -> "ImageTransform":
         """A callable mapping a PIL image to a normalised float tensor (3, H, W)."""
-        classification = ImageClassification(crop_size=self.crop_size, resize_size=self.resize_size, mean=self.mean,
-                                             std=self.std, interpolation=InterpolationMode(self.interpolation))
-        return lambda image: classification(limit_aspect_ratio(image))
+        return ImageTransform(ImageClassification(crop_size=self.crop_size, resize_size=self.resize_size, mean=self.mean,
+                                                  std=self.std, interpolation=InterpolationMode(self.interpolation)))
 
     def view_transform(self, view: str = "center") -> Callable[[Image.Image], torch.Tensor]:
         """Like :meth:`transform`, for one of :data:`VIEWS`: the centre crop or a corner crop, optionally
@@ -361,9 +371,13 @@ class Encoder(nn.Module):
         config = EncoderConfig(name, identity, backbone_spec(name).feature_size, identity.preprocessing(name))
         return cls(config, state, source)
 
-    def pixels(self, image: ImageInput) -> torch.Tensor:
-        """Load any image input (see :func:`load_image`) and preprocess it: ``(3, crop, crop)``."""
-        return self.preprocess(load_image(image))
+    def pixels(self, image: ImageInput, view: str = "center") -> torch.Tensor:
+        """Load any image input (see :func:`load_image`) and preprocess it: ``(3, crop, crop)``.
+
+        ``view`` is one of :data:`VIEWS`: the centre crop (inference) or a crop or mirror for augmentation.
+        """
+        transform = self.preprocess if view == "center" else self.config.preprocessing.view_transform(view)
+        return transform(load_image(image))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.backbone(pixels)

@@ -30,7 +30,6 @@ from .checkpoint import remove_dead_writers, save_tensors
 from .distributed import Distributed
 from .encoder import Encoder
 from .errors import ImageError, OutputError
-from .images import load_image
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +82,7 @@ def file_digests(paths: Sequence[str | Path], progress: bool = True) -> list[str
 
 class _ImageFiles(Dataset):
     def __init__(self, paths: Sequence[Path], encoder: Encoder, view: str):
-        self.paths = list(paths)
-        self.preprocess = encoder.preprocess if view == "center" else encoder.config.preprocessing.view_transform(view)
+        self.paths, self.encoder, self.view = list(paths), encoder, view
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -92,7 +90,7 @@ class _ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
         """The preprocessed image, or why it cannot be read: one bad file must not fail its whole batch."""
         try:
-            return index, self.preprocess(load_image(self.paths[index]))
+            return index, self.encoder.pixels(self.paths[index], self.view)
         except ImageError as exc:
             return index, str(exc)
 

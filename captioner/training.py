@@ -45,7 +45,6 @@ from .encoder import BACKBONES, DEFAULT_ENCODER, VIEWS, Encoder, EncoderWeights
 from .bounds import check_fields, check_options, option
 from .errors import CheckpointError, ConfigError, DataError, OutputError
 from .features import FeatureCache, default_cache_dir, extract_features, file_digests
-from .images import load_image
 from .metrics import FAST_METRICS, CiderD, score_captions
 from .model import Captioner
 from .vocab import END, PAD_ID, START_ID, Vocabulary, tokenize
@@ -425,7 +424,7 @@ class Trainer:
         if features is not None:
             return features[image_rows.to(features.device)]
         records = self.train.records
-        pixels = torch.stack([self.model.encoder.preprocess(load_image(records[i].path)) for i in image_rows.tolist()])
+        pixels = torch.stack([self.model.encoder.pixels(records[i].path) for i in image_rows.tolist()])
         layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         return self.encoder(pixels.to(self.device, memory_format=layout))
 

@@ -24,6 +24,14 @@ def option(default: Any, help: str = "", **metadata: Any):
     return field(default=default, metadata={"help": help, **metadata})
 
 
+def option_like(cls: type, name: str, help: str = "") -> Any:
+    """The field ``name`` of dataclass ``cls`` again (default and bounds), for an option that sets it: its
+    default and range are then written once."""
+    source = {item.name: item for item in fields(cls)}[name]
+    metadata = {**source.metadata, "help": help or source.metadata.get("help", "")}
+    return field(default=source.default, metadata=metadata)
+
+
 def check_value(name: str, value: Any, kind: str, range: tuple | None = None, choices: tuple | None = None,
                 error: type[CaptionerError] = ConfigError, where: str = "") -> Any:
     """``value`` if it is of ``kind`` (``"int"``, ``"float"``, ``"str"``, ``"bool"``, optionally

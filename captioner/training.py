@@ -42,7 +42,7 @@ from .decoder import Decoder, DecoderConfig
 from .decoding import GenerationConfig, sample_or_greedy
 from .distributed import Distributed
 from .encoder import BACKBONES, DEFAULT_ENCODER, VIEWS, Encoder, EncoderWeights
-from .bounds import check_fields, check_options, option
+from .bounds import check_fields, check_options, option, option_like
 from .errors import CheckpointError, ConfigError, DataError, OutputError
 from .features import FeatureCache, default_cache_dir, extract_features, file_digests
 from .metrics import FAST_METRICS, CiderD, score_captions
@@ -68,11 +68,11 @@ class TrainConfig:
     out: str = option("runs/captioner", "output folder: best/, last/, log.jsonl, training.png")
     encoder: str = option(DEFAULT_ENCODER, "CNN backbone", choices=tuple(BACKBONES))
     encoder_weights: str = option("", "encoder weights: empty for pretrained ImageNet, a file path, or 'none'")
-    embed_size: int = option(512, "word and image embedding size", range=(1, 8192))
-    hidden_size: int = option(512, "LSTM hidden size", range=(1, 8192))
-    num_layers: int = option(1, "LSTM layers", range=(1, 8))
-    dropout: float = option(0.5, "dropout on LSTM outputs (and between LSTM layers)")
-    input_dropout: float = option(0.5, "dropout on image features, image projection and word embeddings")
+    embed_size: int = option_like(DecoderConfig, "embed_size", "word and image embedding size")
+    hidden_size: int = option_like(DecoderConfig, "hidden_size", "LSTM hidden size")
+    num_layers: int = option_like(DecoderConfig, "num_layers", "LSTM layers")
+    dropout: float = option_like(DecoderConfig, "dropout", "dropout on LSTM outputs (and between LSTM layers)")
+    input_dropout: float = option_like(DecoderConfig, "input_dropout")
     min_word_count: int = option(5, "words seen fewer times become <unk>", range=(1, 1000000000))
     max_caption_length: int = option(30, "training captions are cut to this many words (the cut count is logged)", range=(1, 100))
     epochs: int = option(20, "cross-entropy epochs (an upper bound when early stopping)", range=(0, 10000))
@@ -88,9 +88,11 @@ class TrainConfig:
     patience: int = option(5, "stop a phase after this many epochs without a better validation score", range=(0, 10000))
     select_metric: str = option("CIDEr-D", "validation metric that selects the best checkpoint",
                                  choices=("CIDEr-D", "BLEU-4", "ROUGE-L", "BLEU-1"))
-    beam_size: int = option(3, "beam size for validation and the checkpoint's default decoding", range=(1, 64))
-    length_penalty: float = option(0.0, "length penalty for validation and the checkpoint's default decoding", range=(-5.0, 5.0))
-    max_length: int = option(20, "longest generated caption in words", range=(1, 100))
+    beam_size: int = option_like(GenerationConfig, "beam_size", "beam size for validation and the checkpoint's "
+                                                                "default decoding")
+    length_penalty: float = option_like(GenerationConfig, "length_penalty", "length penalty for validation and the "
+                                                                          "checkpoint's default decoding")
+    max_length: int = option_like(GenerationConfig, "max_length", "longest generated caption in words")
     finetune_encoder: bool = option(False, "train the CNN too (no feature cache; slow without a GPU)")
     encoder_lr: float = option(1e-5, "learning rate for the CNN with --finetune-encoder", range=(0, 1))
     scst_epochs: int = option(0, "self-critical sequence training epochs after cross-entropy (0 = off)", range=(0, 10000))

@@ -16,7 +16,7 @@ from pathlib import Path
 from nltk.tokenize import word_tokenize
 from nltk.tokenize.treebank import TreebankWordDetokenizer
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
@@ -50,9 +50,9 @@ class Vocabulary:
 
     def __init__(self, words: Sequence[str]):
         if tuple(words[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
-            raise CheckpointError(f"vocabulary must start with {' '.join(SPECIAL_TOKENS)}")
+            raise ConfigError(f"vocabulary must start with {' '.join(SPECIAL_TOKENS)}")
         if len(set(words)) != len(words):
-            raise CheckpointError("vocabulary has duplicate words")
+            raise ConfigError("vocabulary has duplicate words")
         self.words: list[str] = list(words)
         self.index: dict[str, int] = {word: i for i, word in enumerate(self.words)}
 
@@ -105,4 +105,7 @@ class Vocabulary:
             raise CheckpointError(f"{path}: not a valid vocabulary file ({exc})") from None
         if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
             raise CheckpointError(f"{path}: 'words' must be a list of strings")
-        return cls(words)
+        try:
+            return cls(words)
+        except ConfigError as exc:  # the file is what failed: name it
+            raise CheckpointError(f"{path}: {exc}") from None

@@ -299,7 +299,8 @@ def test_fuzzed_config_loads_or_raises_a_captioner_error(checkpoint_dir, tmp_pat
     except CaptionerError as error:
         assert "\n" not in str(error)
     else:
-        assert isinstance(model.caption(torch.zeros(1, model.encoder.config.feature_size)), str)
+        captions = model.caption(torch.zeros(1, model.encoder.config.feature_size))  # a batch of one row
+        assert len(captions) == 1 and isinstance(captions[0], str)
 
 
 # ------------------------------------------------------------------------------------------------ command line

@@ -281,8 +281,10 @@ def _export_parser(sub) -> None:
     from .decoding import GenerationConfig
 
     parser = sub.add_parser("export", help="copy a checkpoint for inference, optionally in float16, with new "
-                                           "default decoding settings or with ONNX graphs", parents=[_common()])
-    parser.add_argument("model", help="checkpoint directory to read (e.g. runs/x/best)")
+                                           "default decoding settings or with ONNX graphs; or join several "
+                                           "into an ensemble", parents=[_common()])
+    parser.add_argument("model", nargs="+", help="checkpoint directory to read (e.g. runs/x/best); several make an "
+                                                 "ensemble averaging their decoders (same encoder and vocabulary)")
     parser.add_argument("out", help="directory to write (replaced atomically); with --format onnx it may be MODEL "
                                     "itself, to add the ONNX graphs beside its files")
     parser.add_argument("--half-precision", action="store_true", help="store decoder weights as float16 (half size)")
@@ -297,25 +299,30 @@ def _export_parser(sub) -> None:
 def _export(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 
+    from .decoder import MAX_MEMBERS
     from .decoding import GenerationConfig
     from .model import Captioner
     from .onnx_engine import export_onnx
 
     options = explicit_options(args, GenerationConfig)
-    model = Captioner.from_pretrained(args.model, device="cpu", engine="torch")
+    if len(args.model) > MAX_MEMBERS:
+        raise ConfigError(f"an ensemble holds at most {MAX_MEMBERS} decoders, not {len(args.model)}")
+    models = [Captioner.from_pretrained(path, device="cpu", engine="torch") for path in args.model]
+    model = models[0] if len(models) == 1 else Captioner.ensemble(models)
     out = Path(args.out)
-    if out.resolve() != Path(args.model).resolve():
+    if out.resolve() not in {Path(path).resolve() for path in args.model}:
         model.generation_config = model.generation_config.updated(**options)
-        with safe_open(str(Path(args.model) / "model.safetensors"), "pt") as weights:
-            stored_half = any(weights.get_slice(name).get_dtype() == "F16" for name in weights.keys())
-        if stored_half and not args.half_precision:
-            log.warning("%s stores float16 weights; the copy is float32 (twice the size) unless --half-precision",
-                        args.model)
+        for path in args.model:
+            with safe_open(str(Path(path) / "model.safetensors"), "pt") as weights:
+                stored_half = any(weights.get_slice(name).get_dtype() == "F16" for name in weights.keys())
+            if stored_half and not args.half_precision:
+                log.warning("%s stores float16 weights; the copy is float32 (twice the size) unless --half-precision",
+                            path)
         out = model.save_pretrained(out, half_precision=args.half_precision)
         if args.format == "onnx":  # the graphs must hold exactly the weights saved (float16-rounded, say)
             model = Captioner.from_pretrained(out, device="cpu", engine="torch")
-    elif args.format != "onnx" or options or args.half_precision:
-        raise ConfigError("OUT may be MODEL only to add ONNX graphs (--format onnx, no other options)")
+    elif args.format != "onnx" or options or args.half_precision or len(models) > 1:
+        raise ConfigError("OUT may be MODEL only to add ONNX graphs (one MODEL, --format onnx, no other options)")
     if args.format == "onnx":
         export_onnx(model.encoder, model.decoder, out)
     size = sum(p.stat().st_size for p in Path(out).iterdir()) / 1e6

@@ -4,11 +4,17 @@ The image feature vector is projected to the word-embedding size and fed to the 
 input; the words follow, starting with ``<start>``. Training uses teacher forcing over packed
 variable-length sequences (:meth:`Decoder.forward`); inference feeds each chosen word back through
 :meth:`Decoder.step`, the single step function every decoding strategy shares.
+
+An ensemble (:class:`DecoderEnsemble`, ``members`` > 1) is several decoders of one shape trained apart
+(different seeds) over the same vocabulary and encoder. It answers the same calls: its state is the
+members' states stacked, and each step averages the members' next-word probabilities, so the one
+batched search in :mod:`captioner.decoding` decodes it unchanged.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +32,7 @@ State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (num_layers, N, h
 
 MAX_VOCAB_SIZE = 1_000_000
 MAX_WIDTH = 8192  # embedding and LSTM sizes
+MAX_MEMBERS = 8  # decoders in an ensemble: each step costs one decoder step per member
 
 
 @dataclass
@@ -39,6 +46,8 @@ class DecoderConfig:
     num_layers: int = option(1, range=(1, 8))
     dropout: float = option(0.5, "on LSTM outputs (and between LSTM layers)", range=(0.0, 0.99))
     input_dropout: float = option(0.5, "on image features, the image projection and word embeddings", range=(0.0, 0.99))
+    members: int = option(1, "decoders of this shape in an ensemble (their next-word probabilities averaged)",
+                          range=(1, MAX_MEMBERS))
 
     def __post_init__(self) -> None:
         check_fields(self, ConfigError, "decoder")
@@ -49,12 +58,24 @@ class DecoderConfig:
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes of the decoder's weights, computed without allocating them."""
         with torch.device("meta"):
-            return {name: tuple(tensor.shape) for name, tensor in Decoder(self).state_dict().items()}
+            return {name: tuple(tensor.shape) for name, tensor in build_decoder(self).state_dict().items()}
+
+
+def build_decoder(config: DecoderConfig) -> "Decoder | DecoderEnsemble":
+    """The module a checkpoint's decoder configuration describes: one decoder, or an ensemble of them."""
+    return Decoder(config) if config.members == 1 else DecoderEnsemble(config)
+
+
+def average_probabilities(log_probs: list[torch.Tensor]) -> torch.Tensor:
+    """``log(mean(p_i))`` of the members' log-probabilities: the ensemble's own normalised log-probabilities."""
+    return torch.logsumexp(torch.stack(log_probs), 0) - math.log(len(log_probs))
 
 
 class Decoder(nn.Module):
     def __init__(self, config: DecoderConfig):
         super().__init__()
+        if config.members != 1:
+            raise ConfigError(f"a Decoder is one member; build {config.members} with DecoderEnsemble")
         self.config = config
         self.image_projection = nn.Sequential(nn.Linear(config.feature_size, config.embed_size), nn.LayerNorm(config.embed_size))
         self.embedding = nn.Embedding(config.vocab_size, config.embed_size, padding_idx=PAD_ID)
@@ -136,3 +157,46 @@ class Decoder(nn.Module):
             hiddens.append(inputs)
             cells.append(cell)
         return inputs, (torch.stack(hiddens), torch.stack(cells))
+
+
+class DecoderEnsemble(nn.Module):
+    """``config.members`` decoders decoded as one: the inference calls of :class:`Decoder`, members averaged.
+
+    The state is the members' LSTM states concatenated along the layer axis, ``(members * num_layers, N,
+    hidden_size)``, so searches reorder it like a single decoder's. Its outputs are normalised
+    log-probabilities (the log of the members' mean probability), which ``log_softmax`` leaves unchanged.
+    """
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.members = nn.ModuleList(Decoder(replace(config, members=1)) for _ in range(config.members))
+
+    @classmethod
+    def of(cls, decoders: list[Decoder]) -> "DecoderEnsemble":
+        """An ensemble holding copies of the weights of ``decoders``, which must share one configuration."""
+        shape = lambda config: replace(config, dropout=0.0, input_dropout=0.0)  # noqa: E731 (dropout is training-only)
+        if not decoders or any(shape(d.config) != shape(decoders[0].config) for d in decoders):
+            raise ConfigError("ensemble members must have the same feature, vocabulary, embedding, hidden and layer sizes")
+        ensemble = cls(replace(decoders[0].config, members=len(decoders)))
+        for member, decoder in zip(ensemble.members, decoders):
+            member.load_state_dict(decoder.state_dict())
+        return ensemble
+
+    def split(self, state: State) -> list[State]:
+        layers = self.config.num_layers
+        return [(state[0][i:i + layers], state[1][i:i + layers]) for i in range(0, state[0].size(0), layers)]
+
+    def init_state(self, features: torch.Tensor) -> State:
+        states = [member.init_state(features) for member in self.members]
+        return torch.cat([h for h, _ in states]), torch.cat([c for _, c in states])
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        outputs = [member.step(tokens, member_state) for member, member_state in zip(self.members, self.split(state))]
+        log_probs = average_probabilities([F.log_softmax(logits.float(), -1) for logits, _ in outputs])
+        return log_probs, (torch.cat([h for _, (h, _) in outputs]), torch.cat([c for _, (_, c) in outputs]))
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced log-probabilities for ``tokens[:, 1:]`` (scoring; ensembles are not trained as one)."""
+        return average_probabilities([F.log_softmax(member(features, tokens, lengths).float(), -1)
+                                      for member in self.members])

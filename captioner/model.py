@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, onnx_engine
-from .decoder import Decoder, DecoderConfig
+from .decoder import Decoder, DecoderConfig, DecoderEnsemble, build_decoder
 from .decoding import Caption, GenerationConfig, generate, sequence_log_probs, to_captions
 from .bounds import check_value
 from .encoder import Encoder, EncoderConfig, fetch_pretrained, resolve_weights
@@ -77,7 +77,7 @@ class CaptionerConfig:
 class Captioner(nn.Module):
     """An image captioner: ``Captioner.from_pretrained().caption("photo.jpg")``."""
 
-    def __init__(self, encoder: Encoder, decoder: Decoder, vocab: Vocabulary,
+    def __init__(self, encoder: Encoder, decoder: Decoder | DecoderEnsemble, vocab: Vocabulary,
                  generation: GenerationConfig | None = None):
         super().__init__()
         if decoder.config.vocab_size != len(vocab):
@@ -142,12 +142,35 @@ class Captioner(nn.Module):
         encoder = Encoder(config.encoder, state, source)
         weights = checkpoint.load_tensors(weights_file)
         checkpoint.check_values(weights, str(weights_file))
-        decoder = Decoder(config.decoder)
+        decoder = build_decoder(config.decoder)
         decoder.load_state_dict({k: v.float() for k, v in weights.items()})
         model = cls(encoder, decoder, vocab, config.generation).to(device)
         if engine == "onnx":
             model.onnx_runtime = onnx_engine.load_runtime(path, config.encoder, config.decoder)
         return model
+
+    @classmethod
+    def ensemble(cls, models: Sequence["Captioner"]) -> "Captioner":
+        """One captioner whose decoding averages the next-word probabilities of ``models``' decoders.
+
+        Members trained apart (e.g. with different seeds) on the same data must share the encoder
+        (configuration and weights) and the vocabulary; the decoding defaults are the first model's.
+        Members that are ensembles themselves contribute each of their decoders.
+        """
+        if not models:
+            raise ConfigError("an ensemble needs at least one model")
+        first = models[0]
+        for number, model in enumerate(models[1:], 2):
+            if model.vocab.words != first.vocab.words:
+                raise ConfigError(f"model {number} has another vocabulary than model 1")
+            if model.encoder.config != first.encoder.config or (
+                    first.encoder.config.weights.stored and not _same_tensors(model.encoder.weights_state_dict(),
+                                                                               first.encoder.weights_state_dict())):
+                raise ConfigError(f"model {number} has another encoder than model 1")
+        decoders = [member for model in models for member in
+                    (model.decoder.members if isinstance(model.decoder, DecoderEnsemble) else [model.decoder])]
+        ensemble = DecoderEnsemble.of(decoders)
+        return cls(first.encoder, ensemble, first.vocab, first.generation_config).to(first.device)
 
     def save_pretrained(self, path: str | os.PathLike, half_precision: bool = False,
                         extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
@@ -274,6 +297,10 @@ class Captioner(nn.Module):
         if not torch.isfinite(features).all():
             raise ConfigError("features hold NaN or infinite values")
         return features.to(next(self.decoder.parameters()).dtype)
+
+def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
 
 def _is_batch(inputs) -> bool:
     if isinstance(inputs, torch.Tensor):

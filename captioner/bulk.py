@@ -248,9 +248,9 @@ class JsonlFile:
 
     def _claim(self) -> dict[str, bool]:
         """Lock the file, cut a torn last line off, and return the files it has records of."""
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        try:  # a POSIX lock: the kernel drops it when this process ends, though forked loader workers linger
+            fcntl.lockf(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
             raise OutputError(f"--out {self.path}: another captioner is writing to it; wait for it or choose "
                               "another --out") from None
         entries, end = scan_records(self.path, self.handle)

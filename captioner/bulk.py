@@ -44,7 +44,7 @@ from typing import BinaryIO, NamedTuple, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .bounds import check_value
+from .bounds import check_value, read_bounded
 from .checkpoint import check_writable
 from .decoding import Caption, GenerationConfig
 from .distributed import launched_rank
@@ -117,19 +117,13 @@ def read_file_list(source: str) -> list[str]:
     Entries are taken as files, unchecked: one that is missing or unreadable gets an error record like any
     bad image. Bounds: ``MAX_LIST_BYTES``, ``MAX_LIST_LINES`` paths, ``MAX_PATH_BYTES`` per line, no NUL byte.
     """
-    name = "standard input" if source == "-" else source
-    try:
-        if source == "-":
-            raw = sys.stdin.buffer.read(MAX_LIST_BYTES + 1)
-        else:
-            with open(source, "rb") as handle:
-                raw = handle.read(MAX_LIST_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"--files-from {name}: file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"--files-from {name}: cannot read ({exc.strerror or exc})") from None
-    if len(raw) > MAX_LIST_BYTES:
-        raise ConfigError(f"--files-from {name}: larger than {MAX_LIST_BYTES:,} bytes; split the list")
+    name = "--files-from " + ("standard input" if source == "-" else source)
+    if source == "-":
+        raw = sys.stdin.buffer.read(MAX_LIST_BYTES + 1)
+        if len(raw) > MAX_LIST_BYTES:
+            raise ConfigError(f"{name}: file list larger than {MAX_LIST_BYTES} bytes")
+    else:
+        raw = read_bounded(source, MAX_LIST_BYTES, name, "file list")
     files: list[str] = []
     for number, line in enumerate(raw.split(b"\n"), 1):
         line = line.removesuffix(b"\r")
@@ -137,9 +131,9 @@ def read_file_list(source: str) -> list[str]:
             continue
         if len(line) > MAX_PATH_BYTES or b"\0" in line:
             problem = f"is {len(line):,} bytes long (at most {MAX_PATH_BYTES})" if b"\0" not in line else "holds a NUL byte"
-            raise ConfigError(f"--files-from {name}: line {number} {problem}; expected one path per line")
+            raise ConfigError(f"{name}: line {number} {problem}; expected one path per line")
         if len(files) == MAX_LIST_LINES:
-            raise ConfigError(f"--files-from {name}: more than {MAX_LIST_LINES:,} paths; split the list")
+            raise ConfigError(f"{name}: more than {MAX_LIST_LINES:,} paths; split the list")
         files.append(os.fsdecode(line))
     return files
 

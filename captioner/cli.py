@@ -14,7 +14,7 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .bounds import check_options, describe_bounds
+from .bounds import check_options, describe_bounds, read_bounded
 from .errors import CaptionerError, ConfigError
 
 try:
@@ -65,15 +65,7 @@ MAX_CONFIG_BYTES = 1_000_000
 def read_config_file(path: str) -> dict:
     """Options from a JSON or TOML file (keys are option names, with ``_`` or ``-``) of at most 1 MB."""
     file = Path(path)
-    try:
-        with open(file, "rb") as handle:
-            raw = handle.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: config file larger than {MAX_CONFIG_BYTES} bytes")
+    raw = read_bounded(file, MAX_CONFIG_BYTES, path, "config file")
     try:
         text = raw.decode("utf-8")
         data = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)

@@ -56,7 +56,7 @@ def test_file_list_skips_blank_lines_and_bounds_its_lines(tmp_path, monkeypatch)
     listing.write_bytes(b"a.jpg\nb\0.jpg\n")
     with pytest.raises(ConfigError, match="line 2 holds a NUL byte"):
         read_file_list(str(listing))
-    with pytest.raises(ConfigError, match="file not found"):
+    with pytest.raises(ConfigError, match=f"--files-from {tmp_path}/missing.txt: file list not found"):
         read_file_list(str(tmp_path / "missing.txt"))
 
 
@@ -135,7 +135,7 @@ def image(tmp_path) -> Path:
     (["--shard", "2/2"], "--shard must be I/N with 0 <= I < N"),
     (["--num-workers", "65"], "--num-workers must be between 0 and 64, not 65"),
     (["--num-workers", "-1"], "--num-workers must be between 0 and 64, not -1"),
-    (["--files-from", "/nonexistent/list.txt"], "--files-from /nonexistent/list.txt: file not found"),
+    (["--files-from", "/nonexistent/list.txt"], "--files-from /nonexistent/list.txt: file list not found"),
     (["--out", "/proc/version"], "--out /proc: cannot write there"),
 ])
 def test_outside_values_are_checked_before_any_work(image, capsys, args, message):

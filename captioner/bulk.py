@@ -152,6 +152,7 @@ def collect_inputs(paths: Sequence[str], files_from: str | None = None) -> list[
 
 
 def check_workers(num_workers: object) -> int:
+    """``--num-workers``: an integer from 0 to ``MAX_WORKERS``, or :class:`ConfigError`."""
     return check_value("--num-workers", num_workers, "int", (0, MAX_WORKERS))
 
 
@@ -171,7 +172,8 @@ def scan_records(path: Path, handle: BinaryIO) -> tuple[list[Entry], int]:
     A torn last line (no newline: a write cut short by a kill) must look like the start of a record;
     anything else that is not a record means the file is not ours: :class:`OutputError`.
     """
-    entries, offset, number = [], 0, 0
+    entries: list[Entry] = []
+    offset = number = 0
     handle.seek(0)
     while line := handle.readline(MAX_RECORD_BYTES + 1):
         number += 1
@@ -329,16 +331,25 @@ def caption_records(model: Captioner, files: Sequence[str], config: GenerationCo
     for batch in image_batches(model.encoder, files, batch_size, num_workers, pin_memory=pin):
         records = {index: {"file": files[index], "error": reason} for index, reason in batch.failures.items()}
         if batch.pixels is not None:
-            features = model.encode_pixels(batch.pixels)
-            found = model.generate(features, config, batch_size=batch_size)
-            tops = model.classify(features, TOP_LABELS) if labels else [None] * len(found)
-            records.update((index, caption_record(files[index], captions, top))
-                           for index, captions, top in zip(batch.indices, found, tops))
+            readable = [files[index] for index in batch.indices]
+            records.update(zip(batch.indices, _caption_batch(model, readable, batch.pixels, config, batch_size, labels)))
         yield [records[index] for index in sorted(records)]
+
+
+@torch.inference_mode()
+def _caption_batch(model: Captioner, files: list[str], pixels: torch.Tensor, config: GenerationConfig,
+                   batch_size: int, labels: bool) -> list[dict]:
+    """The records of a batch's readable images: one encode, one decode and, with ``labels``, one classification."""
+    features = model.encode_pixels(pixels)
+    found = model.generate(features, config, batch_size=batch_size)
+    tops: list = model.encoder.classify(features, TOP_LABELS) if labels else [None] * len(found)
+    return [caption_record(file, captions, top) for file, captions, top in zip(files, found, tops)]
 
 
 @dataclass
 class Summary:
+    """What :func:`caption_files` did."""
+
     files: int  # in this process's share
     skipped: int  # already in --out
     captioned: int  # records written now, error records included

@@ -114,9 +114,11 @@ def image_batches(encoder: Encoder, paths: Sequence[str | Path], batch_size: int
     ``Encoder.pixels`` in ``num_workers`` worker processes with prefetch (0: in this process).
 
     The one image loader of feature extraction, bulk captioning and evaluation; unreadable files are listed
-    in each batch's ``failures``, never raised, so one bad file does not stop the others."""
-    return DataLoader(_ImageFiles(paths, encoder, view), batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=pin_memory, collate_fn=_collate)
+    in each batch's ``failures``, never raised, so one bad file does not stop the others. A single batch is
+    loaded in this process: workers would only add their start-up to it."""
+    return DataLoader(_ImageFiles(paths, encoder, view), batch_size=batch_size,
+                      num_workers=num_workers if len(paths) > batch_size else 0, pin_memory=pin_memory,
+                      collate_fn=_collate)
 
 
 @torch.inference_mode()

@@ -33,6 +33,7 @@ bench: setup
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/decode_speed.py
 	$(PY) benchmarks/onnx_speed.py
+	$(PY) benchmarks/bulk_caption.py
 	GRADIO_ANALYTICS_ENABLED=False $(PY) benchmarks/load_test.py
 
 clean:

@@ -10,6 +10,7 @@ declared. Floats must be finite.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import field, fields
 from typing import Any
 
@@ -85,6 +86,21 @@ def check_options(cls: type, options: dict[str, Any], error: type[CaptionerError
         item = by_name[name]
         if item.type.removesuffix("| None").strip() in SCALAR_TYPES:
             check_value(name, value, item.type, item.metadata.get("range"), item.metadata.get("choices"), error, where)
+
+
+def read_bounded(path: str | os.PathLike, limit: int, name: str, what: str) -> bytes:
+    """The bytes of file ``path``, at most ``limit`` of them, or a one-line :class:`ConfigError` starting with
+    ``name``: ``<what> not found``, ``cannot read the <what> (reason)`` or ``<what> larger than <limit> bytes``."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(limit + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: {what} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read the {what} ({exc.strerror or exc})") from None
+    if len(raw) > limit:
+        raise ConfigError(f"{name}: {what} larger than {limit} bytes")
+    return raw
 
 
 def describe_bounds(item) -> str:

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import CaptionerError, CheckpointError
+from .errors import CaptionerError, CheckpointError, OutputError
 
 CONFIG_FILE, VOCAB_FILE, MODEL_FILE, ENCODER_FILE = "config.json", "vocab.json", "model.safetensors", "encoder.safetensors"
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".tar"}
@@ -127,6 +127,24 @@ def check_directory(path: str | Path) -> Path:
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: not a captioner checkpoint ({name} is missing)")
     return path
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Create ``folder``, then write, sync and delete a small file in it; or raise :class:`OutputError`."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{flag} {folder}: is a file, not a folder")
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(b"captioner checks that this folder is writable\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise OutputError(f"{flag} {folder}: cannot write there ({exc.strerror or exc})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data) -> None:

@@ -1,4 +1,5 @@
-"""The ``captioner`` command: ``train``, ``caption`` and ``evaluate``, thin layers over the package.
+"""The ``captioner`` command: ``train``, ``caption``, ``merge``, ``evaluate``, ``export`` and ``demo``, thin layers
+over the package.
 
 User mistakes (bad files, bad options) print ``error: <one line>`` and exit with status 2; a file
 that cannot be captioned is reported and skipped, and the exit status is 1 at the end.
@@ -13,7 +14,7 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .bounds import check_options, describe_bounds
+from .bounds import check_options, describe_bounds, read_bounded
 from .errors import CaptionerError, ConfigError
 
 try:
@@ -64,15 +65,7 @@ MAX_CONFIG_BYTES = 1_000_000
 def read_config_file(path: str) -> dict:
     """Options from a JSON or TOML file (keys are option names, with ``_`` or ``-``) of at most 1 MB."""
     file = Path(path)
-    try:
-        with open(file, "rb") as handle:
-            raw = handle.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: config file larger than {MAX_CONFIG_BYTES} bytes")
+    raw = read_bounded(file, MAX_CONFIG_BYTES, path, "config file")
     try:
         text = raw.decode("utf-8")
         data = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
@@ -166,86 +159,77 @@ def _decoding_arguments(args: argparse.Namespace) -> dict:
     return options
 
 
+def _workers_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-workers", type=int, default=2, metavar="N",
+                        help="processes that load and preprocess images while the model runs (0 to 64; 0: the main "
+                             "process; default: 2)")
+
+
+def _inputs_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="*", help="image files, or folders searched recursively")
+    parser.add_argument("--files-from", metavar="LIST",
+                        help="also the files listed in LIST, one path per line ('-': standard input)")
+
+
 def _caption_parser(sub) -> None:
-    parser = sub.add_parser("caption", help="caption image files or folders", parents=[_common()])
-    parser.add_argument("paths", nargs="+", help="image files, or folders searched recursively")
+    parser = sub.add_parser("caption", help="caption image files or folders, a few or millions", parents=[_common()],
+                            description="Caption images: to stdout, or appended to --out as JSON lines, resuming where "
+                                        "an interrupted run stopped. See README, 'Caption a collection'.")
+    _inputs_options(parser)
+    parser.add_argument("--out", metavar="FILE",
+                        help="append one JSON line per image to FILE, skipping images it already has (default: "
+                             "print to stdout); under torchrun each rank writes FILE's part .rank-K")
+    parser.add_argument("--shard", metavar="I/N", help="caption only images I, I+N, I+2N... of the inputs (0 <= I < N)")
     parser.add_argument("--num-captions", type=int, dest="num_return_sequences_alias", default=None, metavar="N",
                         help="alias of --num-return-sequences")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per image, with scores")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per image, with scores and labels")
+    _workers_option(parser)
     _decoding_options(parser)
     parser.set_defaults(handler=_caption)
 
 
-def find_images(paths: list[str]) -> list[Path]:
-    """Expand folders (recursively, image extensions only); files are taken as given.
-
-    A path that does not exist is a usage mistake (:class:`ConfigError`); a file that exists but cannot
-    be read is the captioning loop's to report and skip.
-    """
-    from .images import IMAGE_EXTENSIONS
-
-    found: list[Path] = []
-    for name in paths:
-        path = Path(name)
-        try:
-            is_dir, exists = path.is_dir(), path.exists() or path.is_symlink()
-        except OSError:  # a name too long, a loop of links...: the loader reports it with the other failures
-            is_dir, exists = False, True
-        if is_dir:
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
-        elif exists:
-            found.append(path)
-        else:
-            raise ConfigError(f"{name}: no such file or folder")
-    return found
-
-
 def _caption(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
+    from .bulk import Shard, caption_files, check_workers, collect_inputs, open_output, rank_device, this_share
     from .model import Captioner
 
     options = _decoding_arguments(args)
-    files = find_images(args.paths)
-    if not files:
-        raise ConfigError("no images found in the given paths")
-    model = Captioner.from_pretrained(args.model, device=args.device)
-    config = model.generation_config.updated(**options)  # bad combinations fail before any work
-    failures = 0
-    with tqdm(total=len(files), unit="image", disable=len(files) < 10 or not sys.stderr.isatty()) as bar:
-        for start in range(0, len(files), args.batch_size):
-            chunk = files[start:start + args.batch_size]
-            good, features = _encode_readable(model, chunk)
-            failures += len(chunk) - len(good)
-            results = model.generate(features, config) if good else []
-            for path, captions in zip(good, results):
-                if args.json:
-                    print(json.dumps({"file": str(path), "captions": [
-                        {"text": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4)}
-                        for c in captions]}), flush=True)
-                else:
-                    for caption in captions:
-                        print(f"{path}\t{caption.text}", flush=True)
-            bar.update(len(chunk))
-    if failures:
-        print(f"error: {failures} of {len(files)} images could not be captioned", file=sys.stderr)
-    return 1 if failures else 0
+    shard = Shard.parse(args.shard) if args.shard is not None else Shard()
+    num_workers = check_workers(args.num_workers)
+    files = this_share(collect_inputs(args.paths, args.files_from), shard)
+    writer = open_output(args.out, args.json)
+    try:
+        model = Captioner.from_pretrained(args.model, device=rank_device(args.device), engine=args.engine)
+        config = model.generation_config.updated(**options)  # bad combinations fail before any work
+        summary = caption_files(model, files, writer, config, args.batch_size, num_workers,
+                                labels=args.json or args.out is not None)
+    finally:
+        writer.close()
+    if summary.failed:
+        print(f"error: {summary.failed} of {summary.files} images could not be captioned", file=sys.stderr)
+    return 1 if summary.failed else 0
 
 
-def _encode_readable(model, paths: list[Path]):
-    """Load each image on its own, reporting and skipping those that cannot be read; encode the rest together."""
-    import torch
+# ---------------------------------------------------------------------------------------- merge
+def _merge_parser(sub) -> None:
+    parser = sub.add_parser("merge", help="join the parts of a sharded or torchrun caption run into one file",
+                            parents=[_common()],
+                            description="Join caption parts into --out in the order of the inputs (give the same "
+                                        "paths or --files-from as the caption runs), checking that every input has "
+                                        "exactly one record.")
+    _inputs_options(parser)
+    parser.add_argument("--out", required=True, metavar="FILE", help="the merged JSON lines file to write")
+    parser.add_argument("--parts", nargs="+", metavar="PART",
+                        help="the files to join (default: FILE's torchrun parts, FILE.rank-K)")
+    parser.set_defaults(handler=_merge)
 
-    from .errors import ImageError
 
-    good, pixels = [], []
-    for path in paths:
-        try:
-            pixels.append(model.encoder.pixels(path))
-            good.append(path)
-        except ImageError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-    return good, (model.encode_pixels(torch.stack(pixels)) if pixels else None)
+def _merge(args: argparse.Namespace) -> int:
+    from .bulk import collect_inputs, default_parts, merge
+
+    out = Path(args.out)
+    merge(collect_inputs(args.paths, args.files_from), [Path(p) for p in args.parts] if args.parts else default_parts(out),
+          out)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------- evaluate
@@ -257,15 +241,18 @@ def _evaluate_parser(sub) -> None:
     parser.add_argument("--split", default="test", help="split of a Karpathy file (default: test)")
     parser.add_argument("--out", help="write the metrics here as JSON")
     parser.add_argument("--predictions", help="write the predicted captions here (COCO results format)")
+    _workers_option(parser)
     _decoding_options(parser)
     parser.set_defaults(handler=_evaluate)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from .bulk import check_workers
     from .evaluation import evaluate
 
     result = evaluate(args.images, args.captions, model=args.model, split=args.split, device=args.device,
-                      engine=args.engine, batch_size=args.batch_size, **_decoding_arguments(args))
+                      engine=args.engine, batch_size=args.batch_size, num_workers=check_workers(args.num_workers),
+                      **_decoding_arguments(args))
     if args.out:
         Path(args.out).write_text(json.dumps(result["metrics"], indent=2) + "\n", encoding="utf-8")
     if args.predictions:
@@ -372,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _caption_parser(sub)
+    _merge_parser(sub)
     _evaluate_parser(sub)
     _export_parser(sub)
     _demo_parser(sub)

@@ -4,17 +4,40 @@
 them this is a single process and every helper is a no-op. The backend is ``nccl`` on GPUs and
 ``gloo`` on CPUs. Gradients are averaged by PyTorch's DistributedDataParallel; this module only
 splits feature extraction across ranks and shares small results (scores, random states).
+Bulk captioning needs no process group: :func:`launched_rank` only tells each process its share.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
 from .runtime import pick_device
+
+
+class Launch(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launched_rank() -> Launch:
+    """This process's place as torchrun describes it (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); one process
+    outside torchrun. Joins no process group: for work whose processes never need to talk (bulk captioning)."""
+    try:
+        launch = Launch(*(int(os.environ.get(name, default)) for name, default in
+                          (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"))))
+    except ValueError:
+        raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+    if not 0 <= launch.rank < launch.world_size or launch.local_rank < 0:
+        raise ConfigError(f"RANK must be between 0 and WORLD_SIZE - 1, not RANK={launch.rank} "
+                          f"WORLD_SIZE={launch.world_size}")
+    return launch
 
 
 @dataclass

@@ -7,36 +7,39 @@ import time
 
 from tqdm.auto import tqdm
 
+from .bulk import caption_records
 from .data import load_captions
+from .errors import ImageError
 from .metrics import ALL_METRICS, score_captions
 from .model import Captioner
-
-PROGRESS_CHUNK = 64  # images encoded and captioned between progress updates
 
 
 def evaluate(images: str | os.PathLike, captions: str | os.PathLike, model: Captioner | str | None = None,
              split: str = "test", device: str = "auto", batch_size: int = 32, metrics=ALL_METRICS,
-             engine: str = "auto", **options) -> dict:
+             engine: str = "auto", num_workers: int = 0, **options) -> dict:
     """Return ``{"metrics": {...}, "predictions": [{"image_id", "caption"}]}`` for one split.
 
     ``model`` is a loaded :class:`Captioner`, a checkpoint directory, or ``None`` for the bundled
     model (run by ``engine``, see :meth:`Captioner.from_pretrained`); ``options`` are decoding options
-    (``beam_size=5``...).
+    (``beam_size=5``...). Images are loaded in ``num_workers`` processes, as by ``captioner caption``
+    (:func:`captioner.bulk.caption_records`); one that cannot be read is an :class:`ImageError`.
     """
     if not isinstance(model, Captioner):
         model = Captioner.from_pretrained(model, device=device, engine=engine)
     config = model.generation_config.updated(**options)  # bad options fail before the long encoding
     records, _ = load_captions(captions, images, split)
     started = time.perf_counter()
-    generated: list = []
-    step = max(PROGRESS_CHUNK, batch_size)
+    generated: list[dict] = []
     with tqdm(total=len(records), desc="captioning", unit="image", leave=False) as bar:
-        for start in range(0, len(records), step):
-            chunk = records[start:start + step]
-            generated.extend(model.generate(model.encode([r.path for r in chunk]), config, batch_size=batch_size))
-            bar.update(len(chunk))
+        for batch in caption_records(model, [str(r.path) for r in records], config, batch_size, num_workers,
+                                     labels=False):
+            for record in batch:
+                if "error" in record:
+                    raise ImageError(record["error"])
+            generated.extend(batch)
+            bar.update(len(batch))
     seconds = time.perf_counter() - started
-    predictions = {i: result[0].text for i, result in enumerate(generated)}
+    predictions = {i: record["captions"][0]["text"] for i, record in enumerate(generated)}
     scores = score_captions(predictions, {i: r.captions for i, r in enumerate(records)}, metrics)
     scores["images"] = len(records)
     scores["seconds"] = round(seconds, 1)

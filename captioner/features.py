@@ -81,7 +81,7 @@ def file_digests(paths: Sequence[str | Path], progress: bool = True) -> list[str
 
 
 class _ImageFiles(Dataset):
-    def __init__(self, paths: Sequence[Path], encoder: Encoder, view: str):
+    def __init__(self, paths: Sequence[str | Path], encoder: Encoder, view: str):
         self.paths, self.encoder, self.view = list(paths), encoder, view
 
     def __len__(self) -> int:
@@ -95,10 +95,30 @@ class _ImageFiles(Dataset):
             return index, str(exc)
 
 
-def _collate(items: list[tuple[int, torch.Tensor | str]]) -> tuple[list[int], torch.Tensor | None, dict[int, str]]:
+class ImageBatch(NamedTuple):
+    indices: list[int]  # positions in the paths of the images in ``pixels``
+    pixels: torch.Tensor | None  # (len(indices), 3, H, W), None when no image of the batch could be read
+    failures: dict[int, str]  # position in the paths -> why that image cannot be read
+
+
+def _collate(items: list[tuple[int, torch.Tensor | str]]) -> ImageBatch:
     images = [(index, item) for index, item in items if not isinstance(item, str)]
     failures = {index: item for index, item in items if isinstance(item, str)}
-    return [index for index, _ in images], torch.stack([item for _, item in images]) if images else None, failures
+    return ImageBatch([index for index, _ in images], torch.stack([item for _, item in images]) if images else None,
+                      failures)
+
+
+def image_batches(encoder: Encoder, paths: Sequence[str | Path], batch_size: int, num_workers: int = 0,
+                  view: str = "center", pin_memory: bool = False) -> DataLoader:
+    """Batches (:class:`ImageBatch`) of ``batch_size`` of ``paths``, in order, loaded and preprocessed by
+    ``Encoder.pixels`` in ``num_workers`` worker processes with prefetch (0: in this process).
+
+    The one image loader of feature extraction, bulk captioning and evaluation; unreadable files are listed
+    in each batch's ``failures``, never raised, so one bad file does not stop the others. A single batch is
+    loaded in this process: workers would only add their start-up to it."""
+    return DataLoader(_ImageFiles(paths, encoder, view), batch_size=batch_size,
+                      num_workers=num_workers if len(paths) > batch_size else 0, pin_memory=pin_memory,
+                      collate_fn=_collate)
 
 
 @torch.inference_mode()
@@ -109,9 +129,7 @@ def _encode(encoder: Encoder, paths: Sequence[str | Path], batch_size: int, num_
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     encoder = encoder.to(device, memory_format=layout).eval()
     rows, failures = torch.zeros((len(paths), encoder.config.feature_size)), {}
-    loader = DataLoader(_ImageFiles(paths, encoder, view), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", collate_fn=_collate)
-    for indices, pixels, failed in loader:
+    for indices, pixels, failed in image_batches(encoder, paths, batch_size, num_workers, view, device.type == "cuda"):
         if indices:
             rows[indices] = encoder(pixels.to(device, memory_format=layout, non_blocking=True)).float().cpu()
         failures.update(failed)

@@ -26,7 +26,7 @@ import reprlib
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -663,7 +663,7 @@ def claim_output(config: TrainConfig, dist: Distributed) -> Iterator[None]:
             folders["--feature-cache"] = Path(config.feature_cache or default_cache_dir())
         try:
             for flag, folder in folders.items():
-                _check_writable(folder, flag)
+                checkpoint.check_writable(folder, flag)
             lock = _lock(out)
         except OutputError as exc:
             problem = str(exc)
@@ -677,24 +677,6 @@ def claim_output(config: TrainConfig, dist: Distributed) -> Iterator[None]:
     finally:
         if lock is not None:
             os.close(lock)
-
-
-def _check_writable(folder: Path, flag: str) -> None:
-    """Create ``folder``, then write, sync and delete a small file in it; or raise :class:`OutputError`."""
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{flag} {folder}: is a file, not a folder")
-    probe = folder / f".write-test-{os.getpid()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as handle:
-            handle.write(b"captioner checks that this folder is writable\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as exc:
-        raise OutputError(f"{flag} {folder}: cannot write there ({exc.strerror or exc})") from None
-    finally:
-        with suppress(OSError):
-            probe.unlink(missing_ok=True)
 
 
 def _lock(out: Path) -> int:

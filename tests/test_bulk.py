@@ -1,0 +1,274 @@
+"""Bulk captioning: JSONL records, resume after a kill, shards and torchrun ranks merged, bad files, bounds."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from captioner.bulk import (MAX_PATH_BYTES, RECORD_START, JsonlFile, Shard, collect_inputs, merge, read_file_list,
+                            scan_records)
+from captioner.cli import main
+from captioner.errors import ConfigError, DataError, OutputError
+from conftest import ROOT
+
+PHOTOS = 40
+BATCH = ["--batch-size", "4"]  # the same batches everywhere, so every run decodes the very same rows together
+
+
+def record_line(file: str, text: str = "a dog runs") -> bytes:
+    return json.dumps({"file": file, "captions": [{"text": text, "log_prob": -1.0, "score": -0.5}]}).encode() + b"\n"
+
+
+# ---------------------------------------------------------------------------------------- no model needed
+def test_shards_partition_the_input_list_and_compose_with_ranks():
+    files = [f"{i}.jpg" for i in range(10)]
+    shards = [Shard.parse(f"{i}/3").of(files) for i in range(3)]
+    assert shards[1] == ["1.jpg", "4.jpg", "7.jpg"]
+    assert sorted(sum(shards, []), key=files.index) == files
+    shard = Shard.parse("1/3")
+    assert [shard.split(rank, 2).of(files) for rank in range(2)] == [shard.of(files)[0::2], shard.of(files)[1::2]]
+
+
+@pytest.mark.parametrize("text", ["3/3", "-1/3", "1", "a/b", "0/0", "1/2/3", "0/2000000"])
+def test_bad_shard_is_one_clear_error(text):
+    with pytest.raises(ConfigError, match=r"--shard must be I/N with 0 <= I < N"):
+        Shard.parse(text)
+
+
+def test_file_list_skips_blank_lines_and_bounds_its_lines(tmp_path, monkeypatch):
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"a.jpg\r\n\n  \nsub dir/b c.jpg\n\xffd.jpg")
+    assert read_file_list(str(listing)) == ["a.jpg", "sub dir/b c.jpg", os.fsdecode(b"\xffd.jpg")]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"x.jpg\ny.jpg\nx.jpg\n")))
+    assert collect_inputs([], "-") == ["x.jpg", "y.jpg"]  # each file once, first place kept
+    listing.write_bytes(b"a.jpg\n" + b"b" * (MAX_PATH_BYTES + 1) + b"\n")
+    with pytest.raises(ConfigError, match=r"line 2 is 4,097 bytes long \(at most 4096\)"):
+        read_file_list(str(listing))
+    listing.write_bytes(b"a.jpg\nb\0.jpg\n")
+    with pytest.raises(ConfigError, match="line 2 holds a NUL byte"):
+        read_file_list(str(listing))
+    with pytest.raises(ConfigError, match=f"--files-from {tmp_path}/missing.txt: file list not found"):
+        read_file_list(str(tmp_path / "missing.txt"))
+
+
+def test_torn_last_line_is_cut_off_and_nothing_else_changes(tmp_path):
+    out = tmp_path / "captions.jsonl"
+    good = record_line("a.jpg") + json.dumps({"file": "b.jpg", "error": "b.jpg: empty file"}).encode() + b"\n"
+    for torn in (record_line("c.jpg")[:-1], record_line("c.jpg")[:30], RECORD_START[:3]):
+        out.write_bytes(good + torn)
+        writer = JsonlFile(out)
+        assert writer.done == {"a.jpg": False, "b.jpg": True}
+        writer.write([json.loads(record_line("c.jpg"))])
+        writer.close()
+        assert out.read_bytes() == good + record_line("c.jpg")
+
+
+@pytest.mark.parametrize("content", [b"\xff\xd8\xff\xe0 a jpeg without a newline", b"photo.jpg\ta caption\n",
+                                     record_line("a.jpg") + b'{"file": 3}\n' + record_line("b.jpg"),
+                                     record_line("a.jpg") + b'{"file": "x"}\n'])
+def test_a_file_that_is_not_ours_is_refused_untouched(tmp_path, content):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(content)
+    with pytest.raises(OutputError, match="not a captioner JSONL file"):
+        JsonlFile(out)
+    assert out.read_bytes() == content
+
+
+@pytest.mark.slow
+def test_one_writer_at_a_time_and_a_killed_one_holds_nothing(tmp_path):
+    out = tmp_path / "captions.jsonl"
+    hold = "import sys, time; from pathlib import Path; from captioner.bulk import JsonlFile; " \
+           "writer = JsonlFile(Path(sys.argv[1])); print('holding', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        with pytest.raises(OutputError, match="another captioner is writing to it"):
+            JsonlFile(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    JsonlFile(out).close()  # the kernel released the lock with the killed process
+
+
+def test_merge_follows_the_inputs_and_refuses_gaps_twins_and_strangers(tmp_path):
+    parts = [tmp_path / "p0.jsonl", tmp_path / "p1.jsonl"]
+    parts[0].write_bytes(record_line("c.jpg") + record_line("a.jpg"))
+    parts[1].write_bytes(record_line("b.jpg"))
+    out = tmp_path / "all.jsonl"
+    assert merge(["a.jpg", "b.jpg", "c.jpg"], parts, out) == 0
+    assert out.read_bytes() == record_line("a.jpg") + record_line("b.jpg") + record_line("c.jpg")
+    with pytest.raises(DataError, match=r"1 input files have no record \(e.g. d.jpg\)"):
+        merge(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], parts, tmp_path / "other.jsonl")
+    with pytest.raises(DataError, match=r"1 records are of files not among the inputs \(e.g. c.jpg\)"):
+        merge(["a.jpg", "b.jpg"], parts, tmp_path / "other.jsonl")
+    parts[1].write_bytes(record_line("b.jpg") + record_line("a.jpg", "another caption"))
+    with pytest.raises(DataError, match=r"1 files have more than one record \(e.g. a.jpg\)"):
+        merge(["a.jpg", "b.jpg", "c.jpg"], parts, tmp_path / "other.jsonl")
+    assert not (tmp_path / "other.jsonl").exists()
+    parts[1].write_bytes(record_line("b.jpg") + record_line("d.jpg")[:20])
+    with pytest.raises(DataError, match="last line is torn"):
+        merge(["a.jpg", "b.jpg", "c.jpg"], parts, out)
+    parts[1].write_bytes(record_line("b.jpg"))
+    out.write_bytes(record_line("z.jpg"))  # an existing file whose records the merge would lose
+    with pytest.raises(OutputError, match=r"holds 1 records the merge would not \(e.g. z.jpg\)"):
+        merge(["a.jpg", "b.jpg", "c.jpg"], parts, out)
+    assert out.read_bytes() == record_line("z.jpg")
+
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    path = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), "red").save(path)
+    return path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shard", "2/2"], "--shard must be I/N with 0 <= I < N"),
+    (["--num-workers", "65"], "--num-workers must be between 0 and 64, not 65"),
+    (["--num-workers", "-1"], "--num-workers must be between 0 and 64, not -1"),
+    (["--files-from", "/nonexistent/list.txt"], "--files-from /nonexistent/list.txt: file list not found"),
+    (["--out", "/proc/version"], "--out /proc: cannot write there"),
+])
+def test_outside_values_are_checked_before_any_work(image, capsys, args, message):
+    assert main(["caption", str(image), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_out_that_is_a_folder_or_another_file_is_refused(image, tmp_path, capsys):
+    assert main(["caption", str(image), "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path}: not a regular file" in capsys.readouterr().err
+    assert main(["caption", str(image), "--out", str(image)]) == 2
+    assert "not a captioner JSONL file (line 1 is not a record)" in capsys.readouterr().err
+    assert Image.open(image).size == (32, 32)
+
+
+def test_torchrun_without_out_is_refused(image, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["caption", str(image)]) == 2
+    assert "under torchrun, give --out FILE" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- the bundled model
+@pytest.fixture(scope="module")
+def photos(shared_data, tmp_path_factory) -> Path:
+    """A list file of Flickr8k photos."""
+    names = sorted((shared_data / "flickr8k" / "images").glob("*.jpg"))[:PHOTOS]
+    listing = tmp_path_factory.mktemp("photos") / "list.txt"
+    listing.write_text("".join(f"{name}\n" for name in names))
+    return listing
+
+
+@pytest.fixture(scope="module")
+def reference(photos, tmp_path_factory) -> bytes:
+    """One uninterrupted, unsharded run in this process, images loaded in the main process."""
+    out = tmp_path_factory.mktemp("reference") / "captions.jsonl"
+    assert main(["caption", "--files-from", str(photos), "--out", str(out), "--num-workers", "0", "-q", *BATCH]) == 0
+    return out.read_bytes()
+
+
+def run_captioner(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "captioner", *args], cwd=ROOT, capture_output=True, input=stdin,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_records_hold_captions_and_labels_in_input_order(photos, reference):
+    records = [json.loads(line) for line in reference.splitlines()]
+    assert [r["file"] for r in records] == photos.read_text().splitlines()
+    for record in records:
+        assert set(record) == {"file", "captions", "labels"} and record["captions"][0]["text"]
+        assert record["captions"][0]["log_prob"] <= 0 and len(record["labels"]) == 5
+        assert all(0 <= label["probability"] <= 1 for label in record["labels"])
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_records(photos, reference, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    assert main(["caption", "--files-from", str(photos), "--out", str(out), "--num-workers", "2", "-q", *BATCH]) == 0
+    assert out.read_bytes() == reference
+
+
+@pytest.mark.slow
+def test_shards_merged_equal_one_run(photos, reference, tmp_path):
+    parts = [tmp_path / f"captions-{i}.jsonl" for i in range(3)]
+    for i, part in enumerate(parts):
+        assert main(["caption", "--files-from", str(photos), "--out", str(part), "--shard", f"{i}/3", "-q", *BATCH]) == 0
+    assert [len(part.read_bytes().splitlines()) for part in parts] == [14, 13, 13]
+    out = tmp_path / "captions.jsonl"
+    assert main(["merge", "--files-from", str(photos), "--parts", *map(str, parts), "--out", str(out), "-q"]) == 0
+    assert out.read_bytes() == reference
+    assert main(["merge", "--files-from", str(photos), "--parts", *map(str, parts[:2]), "--out", str(out), "-q"]) == 2
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_the_uninterrupted_output(photos, reference, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    command = [sys.executable, "-m", "captioner", "caption", "--files-from", str(photos), "--out", str(out),
+               "--num-workers", "2", "-q", *BATCH]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 4) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    written = out.read_bytes()
+    complete = written.count(b"\n")
+    assert 4 <= complete < PHOTOS, "killed mid-run"
+    assert reference.startswith(written[:written.rindex(b"\n") + 1])
+    if written.endswith(b"\n"):  # tear the next record as a kill mid-write would
+        out.write_bytes(written + reference.splitlines(keepends=True)[complete][:25])
+    assert main(["caption", "--files-from", str(photos), "--out", str(out), "-q", *BATCH]) == 0
+    assert out.read_bytes() == reference
+    assert main(["caption", "--files-from", str(photos), "--out", str(out), "-q", *BATCH]) == 0  # all done: a no-op
+    assert out.read_bytes() == reference
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_equal_one(photos, reference, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "captioner", "caption", "--files-from", str(photos), "--out", str(out), "-q", *BATCH],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not out.exists()
+    ranks = [tmp_path / f"captions.rank-{rank}.jsonl" for rank in range(2)]
+    assert [len(part.read_bytes().splitlines()) for part in ranks] == [PHOTOS // 2] * 2
+    assert main(["merge", "--files-from", str(photos), "--out", str(out), "-q"]) == 0  # parts found beside --out
+    assert out.read_bytes() == reference
+
+
+@pytest.mark.slow
+def test_bad_files_are_reported_skipped_and_counted(photos, reference, tmp_path):
+    corrupt, empty = tmp_path / "corrupt.jpg", tmp_path / "empty.png"
+    corrupt.write_bytes(b"\xff\xd8 not really a jpeg")
+    empty.write_bytes(b"")
+    good = photos.read_text().splitlines()[:3]
+    listing = [good[0], str(corrupt), good[1], str(tmp_path / "missing.jpg"), str(empty), good[2]]
+    out = tmp_path / "captions.jsonl"
+    result = run_captioner("caption", "--files-from", "-", "--out", str(out), "-q", *BATCH,
+                           stdin="\n".join(listing).encode())
+    assert result.returncode == 1
+    errors = result.stderr.decode().strip().splitlines()
+    assert errors[-1] == "error: 3 of 6 images could not be captioned"
+    assert len(errors) == 4 and "Traceback" not in result.stderr.decode()
+    for line, name in zip(errors, ("corrupt.jpg", "missing.jpg: file not found", "empty.png: empty file")):
+        assert line.startswith("error: ") and name in line
+    records = [json.loads(line) for line in out.read_bytes().splitlines()]
+    assert [r["file"] for r in records] == listing
+    assert [("error" in r) for r in records] == [False, True, False, True, True, False]
+    assert [r for r in records if "error" not in r] == [json.loads(line) for line in reference.splitlines()[:3]]
+    again = run_captioner("caption", "--files-from", "-", "--out", str(out), "-q", stdin="\n".join(listing).encode())
+    assert again.returncode == 1 and again.stderr.decode().strip() == "error: 3 of 6 images could not be captioned"

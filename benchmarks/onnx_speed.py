@@ -1,11 +1,12 @@
 """PyTorch against ONNX Runtime on the CPU, in one run: single-photo latency, batch throughput, evaluate.
 
-    python benchmarks/onnx_speed.py [--model DIR] [--photos 30] [--evaluate]
+    python benchmarks/onnx_speed.py [--model DIR] [--baseline DIR] [--photos 30] [--evaluate]
 
 Prints the median single-photo ``caption()`` time of each engine (the engines alternate photo by
 photo, so a busy neighbour slows both alike), ONNX Runtime's encoder forward time alone for scale,
 the ONNX encoder's time per image by chunk size, and images/s captioning 64 photos in one call.
-``--evaluate`` also runs ``captioner evaluate`` on the Flickr8k test split once per engine (a few
+``--baseline`` times another checkpoint's ONNX Runtime ``caption()`` in the same loop (e.g. the previous
+bundled model, to compare a larger model's latency). ``--evaluate`` also runs ``captioner evaluate`` on the Flickr8k test split once per engine (a few
 minutes each) and prints wall times and scores. Uses the bundled model (or ``--model``), exporting
 its ONNX graphs into a temporary copy when it has none, and photos from ../shared/data when present.
 """
@@ -56,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint directory (default: the bundled model)")
     parser.add_argument("--photos", type=int, default=30, help="photos timed one by one (default: 30)")
+    parser.add_argument("--baseline", help="another checkpoint whose ONNX Runtime caption() is timed alongside")
     parser.add_argument("--evaluate", action="store_true", help="also time `captioner evaluate` on Flickr8k test")
     args = parser.parse_args()
 
@@ -64,11 +66,14 @@ def main() -> None:
     paths = photos(64)
     print(f"model: {model_dir}, {torch.get_num_threads()} threads, decoding {engines['torch'].generation_config}")
 
-    times: dict[str, list[float]] = {engine: [] for engine in engines}
-    for model in engines.values():
+    timed_models = dict(engines)
+    if args.baseline:
+        timed_models["baseline"] = Captioner.from_pretrained(with_onnx(Path(args.baseline)), device="cpu", engine="onnx")
+    times: dict[str, list[float]] = {engine: [] for engine in timed_models}
+    for model in timed_models.values():
         model.caption(paths[0])  # warm-up
     for path in paths[:args.photos]:
-        for engine, model in engines.items():
+        for engine, model in timed_models.items():
             started = time.perf_counter()
             model.caption(path)
             times[engine].append(time.perf_counter() - started)
@@ -77,7 +82,10 @@ def main() -> None:
     onnx_encoder = engines["onnx"].onnx_runtime.encoder
     encoder_alone = timed(lambda: onnx_encoder(pixels), repeats=20)
     for engine, seconds in single.items():
-        print(f"single-photo caption(), {ENGINE_NAMES[engine]:<12}: {seconds * 1000:6.1f} ms (median of {args.photos})")
+        name = ENGINE_NAMES.get(engine, f"baseline {args.baseline}, ONNX Runtime")
+        print(f"single-photo caption(), {name:<12}: {seconds * 1000:6.1f} ms (median of {args.photos})")
+    if args.baseline:
+        print(f"ONNX Runtime caption() time / the baseline's: {single['onnx'] / single['baseline']:.2f}")
     print(f"speed-up {single['torch'] / single['onnx']:.1f}x; ONNX encoder forward alone {encoder_alone * 1000:.1f} ms, "
           f"caption() / encoder = {single['onnx'] / encoder_alone:.1f}")
 

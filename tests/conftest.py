@@ -55,7 +55,7 @@ def feature_cache(tmp_path_factory) -> Path:
 
 
 def synthetic_config(synthetic: Path, out: Path, cache: Path, **overrides):
-    from captioner.training import TrainConfig
+    from captioner.train_config import TrainConfig
 
     values = dict(images=str(synthetic / "images"), train_captions=str(synthetic / "train.json"),
                   val_captions=str(synthetic / "val.json"), out=str(out), encoder="mobilenet_v2",

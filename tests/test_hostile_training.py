@@ -27,7 +27,9 @@ from captioner.distributed import Distributed
 from captioner.encoder import Encoder
 from captioner.errors import CheckpointError, ConfigError, DataError, ImageError, OutputError
 from captioner.features import FeatureCache, extract_features
-from captioner.training import TrainConfig, claim_output, train
+from captioner.run_folder import claim_output
+from captioner.train_config import TrainConfig
+from captioner.training import train
 from conftest import ROOT, need, synthetic_config
 
 pytestmark = pytest.mark.slow  # trains models and runs subprocesses
@@ -248,12 +250,12 @@ def test_out_that_is_a_file_or_below_one_fails_before_any_work(synthetic, tmp_pa
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC, errno.EACCES])
 def test_unwritable_out_is_found_before_the_data_is_read(tmp_path, monkeypatch, code):
-    import captioner.training as training
+    import captioner.run_folder as run_folder
 
     def refuse(path, *args, **kwargs):
         raise OSError(code, os.strerror(code), str(path))
 
-    monkeypatch.setattr(training, "open", refuse, raising=False)
+    monkeypatch.setattr(run_folder, "open", refuse, raising=False)
     config = TrainConfig(images=str(tmp_path / "no-images"), train_captions=str(tmp_path / "none.json"),
                          out=str(tmp_path / "run"), device="cpu")
     with pytest.raises(OutputError, match=rf"--out {tmp_path / 'run'}: cannot write there \({os.strerror(code)}\)"):

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from captioner import Captioner
 from captioner.data import load_captions
 from captioner.decoder import Decoder, DecoderConfig
-from captioner.training import dropout_off, train
+from captioner.scst import dropout_off
+from captioner.training import train
 from conftest import ROOT, synthetic_config
 
 pytestmark = pytest.mark.slow  # trains models or runs subprocesses: `pytest -m "not slow"` skips them
@@ -172,12 +173,12 @@ def test_augmented_views_train_and_validate_on_the_centre_view(synthetic, tmp_pa
     config = synthetic_config(synthetic, tmp_path / "augment", tmp_path / "cache", encoder="resnet18",
                               encoder_weights="none", epochs=1, augment="flip")
     trainer = Trainer(config)
-    assert trainer.train.features.shape[:2] == (2, len(trainer.train.records))
-    assert trainer.val.features.dim() == 2
+    assert trainer.train_split.features.shape[:2] == (2, len(trainer.train_split.records))
+    assert trainer.val_split.features.dim() == 2
     rows = torch.arange(8)
     picked = trainer._features_for(rows)
-    assert picked.shape == (8, trainer.train.features.shape[-1])
-    assert all(any(torch.equal(picked[i], trainer.train.features[v, i]) for v in range(2)) for i in range(8))
+    assert picked.shape == (8, trainer.train_split.features.shape[-1])
+    assert all(any(torch.equal(picked[i], trainer.train_split.features[v, i]) for v in range(2)) for i in range(8))
     trainer.run()
     assert len((tmp_path / "augment" / "log.jsonl").read_text().splitlines()) == 1
 

@@ -9,6 +9,7 @@ variable-length sequences (:meth:`Decoder.forward`); inference feeds each chosen
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,14 @@ from .vocab import PAD_ID
 # Up to this many rows per step, CPU inference runs the LSTM's equations written out (see step()).
 SMALL_STEP_ROWS = 32
 State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (num_layers, N, hidden_size)
+
+
+class StepDecoder(Protocol):
+    """What decoding needs of a decoder: :class:`Decoder` itself, or ONNX Runtime's (``onnx_engine``)."""
+
+    def init_state(self, features: torch.Tensor) -> State: ...
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]: ...
 
 
 MAX_VOCAB_SIZE = 1_000_000
@@ -116,20 +125,20 @@ class Decoder(nn.Module):
         hidden, state = self._lstm_cell_step(inputs, state)
         return self.output(hidden), state
 
-    def _lstm_cell_step(self, inputs: torch.Tensor | None, state: State,
-                        input_gates: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+    def _lstm_cell_step(self, inputs: torch.Tensor, state: State,
+                        projected: bool = False) -> tuple[torch.Tensor, State]:
         """The LSTM's equations for one step, written out (inference only: no dropout between layers).
 
         On the CPU, oneDNN's LSTM kernel costs more than this for the few rows of a single image's search
         (beam 5, one image: 13 ms instead of 18), and less for a batch (256 images: 210 against 180 images/s).
-        ``input_gates``, if given, replaces the first layer's input projection of ``inputs`` (the ONNX export
-        looks it up per word instead).
+        With ``projected``, ``inputs`` are already the first layer's input gates ``W_ih x + b_ih`` (the ONNX
+        export looks them up per word).
         """
         hiddens, cells = [], []
         for layer in range(self.config.num_layers):
             weights = [getattr(self.lstm, f"{name}_l{layer}") for name in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")]
-            projected = input_gates if layer == 0 and input_gates is not None else F.linear(inputs, weights[0], weights[1])
-            gates = projected + F.linear(state[0][layer], weights[2], weights[3])
+            input_gates = inputs if layer == 0 and projected else F.linear(inputs, weights[0], weights[1])
+            gates = input_gates + F.linear(state[0][layer], weights[2], weights[3])
             input_gate, forget_gate, candidate, output_gate = gates.chunk(4, 1)
             cell = forget_gate.sigmoid() * state[1][layer] + input_gate.sigmoid() * candidate.tanh()
             inputs = output_gate.sigmoid() * cell.tanh()

@@ -101,14 +101,17 @@ class _DecoderStep(nn.Module):
     larger file.
     """
 
+    word_gates: torch.Tensor  # (vocab, 4 * hidden): a buffer
+
     def __init__(self, decoder: Decoder):
         super().__init__()
         self.decoder = decoder
         lstm = decoder.lstm
-        self.register_buffer("word_gates", F.linear(decoder.embedding.weight, lstm.weight_ih_l0, lstm.bias_ih_l0))
+        self.register_buffer("word_gates", F.linear(decoder.embedding.weight, lstm.get_parameter("weight_ih_l0"),
+                                                    lstm.get_parameter("bias_ih_l0")))
 
     def forward(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
-        hidden, (h, c) = self.decoder._lstm_cell_step(None, (h, c), input_gates=self.word_gates[tokens])
+        hidden, (h, c) = self.decoder._lstm_cell_step(self.word_gates[tokens], (h, c), projected=True)
         return self.decoder.output(hidden), h, c
 
 

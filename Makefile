@@ -24,6 +24,7 @@ $(ONNX): $(STAMP) assets/model/model.safetensors assets/model/config.json
 	$(PY) -m captioner export assets/model assets/model --format onnx --quiet
 
 test: setup
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 demo: setup

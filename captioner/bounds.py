@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import field, fields
+from dataclasses import Field, field, fields
 from typing import Any
 
 from .errors import CaptionerError, ConfigError
 
 
 SCALAR_TYPES = ("int", "float", "str", "bool")
+
+
+def annotation(item: Field) -> str:
+    """A field's type as written: a string, since option dataclasses postpone their annotations."""
+    if not isinstance(item.type, str):
+        raise TypeError(f"{item.name}: option dataclasses need `from __future__ import annotations`")
+    return item.type
 
 
 def option(default: Any, help: str = "", **metadata: Any):
@@ -69,9 +76,9 @@ def check_value(name: str, value: Any, kind: str, range: tuple | None = None, ch
 def check_fields(instance: Any, error: type[CaptionerError] = ConfigError, where: str = "") -> None:
     """Check every field of a dataclass instance against its declared type and metadata bounds."""
     for item in fields(instance):
-        if item.type.removesuffix("| None").strip() not in SCALAR_TYPES:
+        if annotation(item).removesuffix("| None").strip() not in SCALAR_TYPES:
             continue  # lists and nested configs check themselves
-        value = check_value(item.name, getattr(instance, item.name), item.type, item.metadata.get("range"),
+        value = check_value(item.name, getattr(instance, item.name), annotation(item), item.metadata.get("range"),
                             item.metadata.get("choices"), error, where)
         object.__setattr__(instance, item.name, value)
 
@@ -84,8 +91,9 @@ def check_options(cls: type, options: dict[str, Any], error: type[CaptionerError
         if name not in by_name:
             raise error(f"{where}: unknown option {name!r}" if where else f"unknown option {name!r}")
         item = by_name[name]
-        if item.type.removesuffix("| None").strip() in SCALAR_TYPES:
-            check_value(name, value, item.type, item.metadata.get("range"), item.metadata.get("choices"), error, where)
+        if annotation(item).removesuffix("| None").strip() in SCALAR_TYPES:
+            check_value(name, value, annotation(item), item.metadata.get("range"), item.metadata.get("choices"), error,
+                        where)
 
 
 def read_bounded(path: str | os.PathLike, limit: int, name: str, what: str) -> bytes:

@@ -29,7 +29,7 @@ WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty temporary directory; on success it replaces ``path`` in one swap.
 
     Concurrent writers each fill their own temporary and swap one at a time, so all succeed and the
@@ -92,7 +92,7 @@ def _swap_lock(path: Path) -> Iterator[None]:
         os.close(descriptor)
 
 
-def recover(path: str | Path) -> Path:
+def recover(path: str | os.PathLike[str]) -> Path:
     """Undo a swap interrupted between its two renames, then return ``path``."""
     path = Path(path)
     if not path.exists() and path.parent.is_dir() and any(path.parent.glob(f".{path.name}.old-*")):
@@ -112,7 +112,7 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
-def check_directory(path: str | Path) -> Path:
+def check_directory(path: str | os.PathLike[str]) -> Path:
     """A readable checkpoint directory holding no pickles, or :class:`CheckpointError`."""
     path = recover(path)
     if not path.is_dir():

@@ -14,20 +14,20 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .bounds import check_options, describe_bounds, read_bounded
+from .bounds import annotation, check_options, describe_bounds, read_bounded
 from .errors import CaptionerError, ConfigError
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[no-redef]  # the same parser under its former name
 
 log = logging.getLogger("captioner")
 
 _TYPES = {"int": int, "float": float, "str": str, "int | None": int}
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls, defaults: dict | None = None,
+def add_dataclass_options(parser: argparse._ActionsContainer, cls, defaults: dict | None = None,
                           default_note: str = "") -> None:
     """One ``--flag`` per dataclass field, default ``None`` so that only explicit flags override.
 
@@ -46,7 +46,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, defaults: dict |
         if item.type == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = _TYPES[item.type]
+            kwargs["type"] = _TYPES[annotation(item)]
             if "choices" in item.metadata:
                 kwargs["choices"] = item.metadata["choices"]
             else:
@@ -80,7 +80,7 @@ def read_config_file(path: str) -> dict:
 
 # ---------------------------------------------------------------------------------------- train
 def _train_parser(sub) -> None:
-    from .training import TrainConfig
+    from .train_config import TrainConfig
 
     parser = sub.add_parser("train", help="train a captioner on COCO-style data", parents=[_common()],
                             description="Train a Show-and-Tell captioner. Options come from the defaults, then "
@@ -95,7 +95,9 @@ def _train_parser(sub) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from . import checkpoint
-    from .training import TRAINER_FILE, TrainConfig, read_trainer_file, train
+    from .train_config import TrainConfig
+    from .train_state import TRAINER_FILE, read_trainer_file
+    from .training import train
 
     explicit = explicit_options(args, TrainConfig)
     from_file: dict = {}

@@ -14,6 +14,7 @@ import json
 import os
 import reprlib
 import stat
+from typing import TypeGuard
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +49,8 @@ class LoadReport:
 
 
 def load_captions(
-    annotation_file: str | Path,
-    image_dir: str | Path,
+    annotation_file: str | os.PathLike[str],
+    image_dir: str | os.PathLike[str],
     split: str | None = None,
     skip_invalid: bool = False,
 ) -> tuple[list[ImageCaptions], LoadReport]:
@@ -160,7 +161,7 @@ def _caption_problem(caption) -> str | None:
     return None
 
 
-def _valid_id(value) -> bool:
+def _valid_id(value: object) -> TypeGuard[int | str]:
     return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value != "")
 
 
@@ -182,19 +183,20 @@ def _name_problem(value) -> str | None:
     return None
 
 
-def _image_entry_ok(problems: _Problems, where: str, image_id, file_name, field: str, seen) -> bool:
-    """A usable file name and an id not seen before; otherwise the problem is recorded."""
+def _image_file(problems: _Problems, where: str, image_id: int | str, file_name: object, field: str,
+                seen) -> str | None:
+    """``file_name`` if it is usable and the id was not seen before; otherwise None, the problem recorded."""
     if not isinstance(file_name, str) or not file_name:
         problems.add(image_id, f"{where}: missing or invalid '{field}'")
-        return False
+        return None
     problem = _name_problem(file_name)
     if problem:
         problems.add(image_id, f"{where}: '{field}' {problem}")
-        return False
+        return None
     if _key(image_id) in seen:
         problems.add(image_id, f"{where}: duplicate image id {image_id!r}")
-        return False
-    return True
+        return None
+    return file_name
 
 
 def _parse_coco(data: dict, image_dir: Path, problems: _Problems) -> list[ImageCaptions]:
@@ -207,11 +209,12 @@ def _parse_coco(data: dict, image_dir: Path, problems: _Problems) -> list[ImageC
         if not isinstance(image, dict):
             problems.add(None, f"{where}: must be an object")
             continue
-        image_id, file_name = image.get("id"), image.get("file_name")
+        image_id = image.get("id")
         if not _valid_id(image_id):
             problems.add(None, f"{where}: missing or invalid 'id'")
             continue
-        if _image_entry_ok(problems, where, image_id, file_name, "file_name", by_id):
+        file_name = _image_file(problems, where, image_id, image.get("file_name"), "file_name", by_id)
+        if file_name is not None:
             by_id[_key(image_id)] = ImageCaptions(image_id, image_dir / file_name)
     seen_annotation_ids: set = set()
     for j, annotation in enumerate(annotations):
@@ -257,8 +260,8 @@ def _parse_karpathy(data: dict, image_dir: Path, split: str | None, problems: _P
         if not _valid_id(image_id):
             problems.add(None, f"{where}: invalid 'cocoid' or 'imgid' {reprlib.repr(image_id)}")
             continue
-        file_name = image.get("filename")
-        if not _image_entry_ok(problems, where, image_id, file_name, "filename", seen):
+        file_name = _image_file(problems, where, image_id, image.get("filename"), "filename", seen)
+        if file_name is None:
             continue
         seen.add(_key(image_id))
         folder = image.get("filepath") or ""
@@ -276,7 +279,7 @@ def _parse_karpathy(data: dict, image_dir: Path, split: str | None, problems: _P
             if raw is None and isinstance(sentence, dict) and isinstance(sentence.get("tokens"), list):
                 raw = " ".join(map(str, sentence["tokens"]))
             problem = "missing 'raw'" if raw is None else _caption_problem(raw)
-            if problem:
+            if problem or raw is None:  # (a missing raw is a problem: tested again for the type checker)
                 problems.add(None, f"{where}.sentences[{k}]: {problem}")
                 continue
             record.captions.append(raw.strip())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,14 @@ from .vocab import PAD_ID
 # Up to this many rows per step, CPU inference runs the LSTM's equations written out (see step()).
 SMALL_STEP_ROWS = 32
 State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (num_layers, N, hidden_size)
+
+
+class StepDecoder(Protocol):
+    """What decoding needs of a decoder: :class:`Decoder`, :class:`DecoderEnsemble`, or ONNX Runtime's (``onnx_engine``)."""
+
+    def init_state(self, features: torch.Tensor) -> State: ...
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]: ...
 
 
 MAX_VOCAB_SIZE = 1_000_000
@@ -137,20 +146,20 @@ class Decoder(nn.Module):
         hidden, state = self._lstm_cell_step(inputs, state)
         return self.output(hidden), state
 
-    def _lstm_cell_step(self, inputs: torch.Tensor | None, state: State,
-                        input_gates: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+    def _lstm_cell_step(self, inputs: torch.Tensor, state: State,
+                        projected: bool = False) -> tuple[torch.Tensor, State]:
         """The LSTM's equations for one step, written out (inference only: no dropout between layers).
 
         On the CPU, oneDNN's LSTM kernel costs more than this for the few rows of a single image's search
         (beam 5, one image: 13 ms instead of 18), and less for a batch (256 images: 210 against 180 images/s).
-        ``input_gates``, if given, replaces the first layer's input projection of ``inputs`` (the ONNX export
-        looks it up per word instead).
+        With ``projected``, ``inputs`` are already the first layer's input gates ``W_ih x + b_ih`` (the ONNX
+        export looks them up per word).
         """
         hiddens, cells = [], []
         for layer in range(self.config.num_layers):
             weights = [getattr(self.lstm, f"{name}_l{layer}") for name in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")]
-            projected = input_gates if layer == 0 and input_gates is not None else F.linear(inputs, weights[0], weights[1])
-            gates = projected + F.linear(state[0][layer], weights[2], weights[3])
+            input_gates = inputs if layer == 0 and projected else F.linear(inputs, weights[0], weights[1])
+            gates = input_gates + F.linear(state[0][layer], weights[2], weights[3])
             input_gate, forget_gate, candidate, output_gate = gates.chunk(4, 1)
             cell = forget_gate.sigmoid() * state[1][layer] + input_gate.sigmoid() * candidate.tanh()
             inputs = output_gate.sigmoid() * cell.tanh()
@@ -179,24 +188,27 @@ class DecoderEnsemble(nn.Module):
         if not decoders or any(shape(d.config) != shape(decoders[0].config) for d in decoders):
             raise ConfigError("ensemble members must have the same feature, vocabulary, embedding, hidden and layer sizes")
         ensemble = cls(replace(decoders[0].config, members=len(decoders)))
-        for member, decoder in zip(ensemble.members, decoders):
+        for member, decoder in zip(ensemble.decoders(), decoders):
             member.load_state_dict(decoder.state_dict())
         return ensemble
+
+    def decoders(self) -> list[Decoder]:
+        return [member for member in self.members if isinstance(member, Decoder)]
 
     def split(self, state: State) -> list[State]:
         layers = self.config.num_layers
         return [(state[0][i:i + layers], state[1][i:i + layers]) for i in range(0, state[0].size(0), layers)]
 
     def init_state(self, features: torch.Tensor) -> State:
-        states = [member.init_state(features) for member in self.members]
+        states = [member.init_state(features) for member in self.decoders()]
         return torch.cat([h for h, _ in states]), torch.cat([c for _, c in states])
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        outputs = [member.step(tokens, member_state) for member, member_state in zip(self.members, self.split(state))]
+        outputs = [member.step(tokens, member_state) for member, member_state in zip(self.decoders(), self.split(state))]
         log_probs = average_probabilities([F.log_softmax(logits.float(), -1) for logits, _ in outputs])
         return log_probs, (torch.cat([h for _, (h, _) in outputs]), torch.cat([c for _, (_, c) in outputs]))
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Teacher-forced log-probabilities for ``tokens[:, 1:]`` (scoring; ensembles are not trained as one)."""
         return average_probabilities([F.log_softmax(member(features, tokens, lengths).float(), -1)
-                                      for member in self.members])
+                                      for member in self.decoders()])

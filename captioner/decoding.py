@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .decoder import Decoder
+from .decoder import Decoder, DecoderEnsemble, StepDecoder
 from .bounds import check_fields, option
 from .errors import ConfigError
 from .vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
@@ -125,7 +125,7 @@ class Hypotheses(NamedTuple):
 
 
 @torch.inference_mode()
-def generate(decoder: Decoder, features: torch.Tensor, config: GenerationConfig) -> Hypotheses:
+def generate(decoder: StepDecoder, features: torch.Tensor, config: GenerationConfig) -> Hypotheses:
     """Decode a batch of image features with ``config``'s strategy (validated when it was made)."""
     if config.strategy == "beam":
         return beam_search(decoder, features, config)
@@ -165,7 +165,7 @@ def constrain(log_probs: torch.Tensor, history: torch.Tensor, step: int, config:
     return log_probs
 
 
-def sample_or_greedy(decoder: Decoder, features: torch.Tensor, config: GenerationConfig) -> Hypotheses:
+def sample_or_greedy(decoder: StepDecoder, features: torch.Tensor, config: GenerationConfig) -> Hypotheses:
     """Greedy (argmax) or sampling (temperature, top-k, top-p) decoding, ``n`` samples per image."""
     batch = features.size(0)
     n = config.num_return_sequences
@@ -176,7 +176,8 @@ def sample_or_greedy(decoder: Decoder, features: torch.Tensor, config: Generatio
     state = decoder.init_state(features)
     tokens = torch.full((features.size(0),), START_ID, dtype=torch.long, device=features.device)
     done = torch.zeros_like(tokens, dtype=torch.bool)
-    history, chosen_lps = [], []
+    history: list[torch.Tensor] = []
+    chosen_lps: list[torch.Tensor] = []
     for step in range(config.max_length + 1):
         logits, state = decoder.step(tokens, state)
         log_probs = F.log_softmax(logits.float(), -1)
@@ -217,7 +218,7 @@ def _sample(logits: torch.Tensor, config: GenerationConfig, generator) -> torch.
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def beam_search(decoder: Decoder, features: torch.Tensor, config: GenerationConfig) -> Hypotheses:
+def beam_search(decoder: StepDecoder, features: torch.Tensor, config: GenerationConfig) -> Hypotheses:
     """Batched beam search: all images x all beams advance as one tensor per step.
 
     Candidates are ranked by ``log_prob / length ** length_penalty``; a finished beam keeps its
@@ -264,7 +265,7 @@ def beam_search(decoder: Decoder, features: torch.Tensor, config: GenerationConf
     return Hypotheses(pick(history), pick(history_lps), scores)
 
 
-def sequence_log_probs(decoder: Decoder, features: torch.Tensor, tokens: torch.Tensor,
+def sequence_log_probs(decoder: Decoder | DecoderEnsemble, features: torch.Tensor, tokens: torch.Tensor,
                        lengths: torch.Tensor) -> torch.Tensor:
     """Teacher-forced log-likelihood of each caption (words plus ``<end>``): ``(B,)``."""
     logits = decoder(features, tokens, lengths)

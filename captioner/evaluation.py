@@ -40,7 +40,8 @@ def evaluate(images: str | os.PathLike, captions: str | os.PathLike, model: Capt
             bar.update(len(batch))
     seconds = time.perf_counter() - started
     predictions = {i: record["captions"][0]["text"] for i, record in enumerate(generated)}
-    scores = score_captions(predictions, {i: r.captions for i, r in enumerate(records)}, metrics)
+    scores: dict[str, float | str] = dict(score_captions(predictions, {i: r.captions for i, r in enumerate(records)},
+                                                         metrics))
     scores["images"] = len(records)
     scores["seconds"] = round(seconds, 1)
     scores["engine"] = model.engine

@@ -127,8 +127,8 @@ def _encode(encoder: Encoder, paths: Sequence[str | Path], batch_size: int, num_
     """Features of ``paths`` (zeros for an image that cannot be read) and, by index, why those cannot."""
     device = torch.device(device)
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    encoder = encoder.to(device, memory_format=layout).eval()
-    rows, failures = torch.zeros((len(paths), encoder.config.feature_size)), {}
+    encoder = encoder.to(device).to(memory_format=layout).eval()
+    rows, failures = torch.zeros((len(paths), encoder.config.feature_size)), dict[int, str]()
     for indices, pixels, failed in image_batches(encoder, paths, batch_size, num_workers, view, device.type == "cuda"):
         if indices:
             rows[indices] = encoder(pixels.to(device, memory_format=layout, non_blocking=True)).float().cpu()
@@ -186,7 +186,7 @@ class FeatureCache:
         cached_digests, cached, parts, dropped = self._read()
         row_of = {digest: row for row, digest in enumerate(cached_digests)}
         missing = sorted({d: p for d, p in zip(digests, paths) if d not in row_of}.items())
-        blocks, rows_so_far, failed = [cached], len(cached), {}
+        blocks, rows_so_far, failed = [cached], len(cached), dict[str, str]()  # digest: why it cannot be read
         with tqdm(total=len(missing), desc=f"encoding images ({self.view})", unit="image", disable=not show) as bar:
             for start in range(0, len(missing), flush_every):
                 chunk = missing[start:start + flush_every]

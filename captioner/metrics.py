@@ -18,12 +18,15 @@ import math
 import re
 import shutil
 import subprocess
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+
+Key = TypeVar("Key", bound=Hashable)  # an image's id in predictions and references
 
 ALL_METRICS = ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D")
 FAST_METRICS = ("BLEU", "ROUGE-L", "CIDEr-D")  # per-epoch validation: no METEOR start-up cost
@@ -48,11 +51,11 @@ def java_available() -> bool:
         return False
 
 
+@lru_cache(maxsize=1)
 def _warn_no_java() -> None:
-    if not getattr(_warn_no_java, "done", False):
-        log.warning("Java (or pycocoevalcap's jars) not found: using the Python fallback tokenizer and skipping METEOR; "
-                    "install Java 8+ for the exact coco-caption scores")
-        _warn_no_java.done = True
+    """Once per process (the cache remembers the call)."""
+    log.warning("Java (or pycocoevalcap's jars) not found: using the Python fallback tokenizer and skipping METEOR; "
+                "install Java 8+ for the exact coco-caption scores")
 
 
 def fallback_tokenize(text: str) -> str:
@@ -62,7 +65,7 @@ def fallback_tokenize(text: str) -> str:
     return " ".join(t for t in tokens if t not in PTB_PUNCTUATION and re.search(r"\w", t))
 
 
-def tokenize_for_scoring(texts: Mapping[object, Sequence[str]]) -> dict:
+def tokenize_for_scoring(texts: Mapping[Key, Sequence[str]]) -> dict[Key, list[str]]:
     """Tokenize ``{id: [captions]}`` the coco-caption way (PTB via Java, else the fallback)."""
     if java_available():
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
@@ -72,7 +75,7 @@ def tokenize_for_scoring(texts: Mapping[object, Sequence[str]]) -> dict:
     return {key: [fallback_tokenize(c) for c in captions] for key, captions in texts.items()}
 
 
-def score_captions(predictions: Mapping[object, str], references: Mapping[object, Sequence[str]],
+def score_captions(predictions: Mapping[Key, str], references: Mapping[Key, Sequence[str]],
                    metrics: Iterable[str] = ALL_METRICS) -> dict[str, float | int]:
     """Corpus scores of one predicted caption per image against its references.
 
@@ -146,14 +149,14 @@ class CiderD:
 
     def __init__(self, corpus: Iterable[Sequence[Sequence[str]]], n: int = 4, sigma: float = 6.0):
         self.n, self.sigma = n, sigma
-        corpus = [[_ngrams(ref, n) for ref in refs] for refs in corpus]
+        counted = [[_ngrams(ref, n) for ref in refs] for refs in corpus]
         self.document_frequency: Counter = Counter()
-        for refs in corpus:
+        for refs in counted:
             self.document_frequency.update({gram for ref in refs for gram in ref})
-        self.log_corpus_size = math.log(float(len(corpus)))
+        self.log_corpus_size = math.log(float(len(counted)))
 
     def _vector(self, counts: Counter):
-        vec = [dict() for _ in range(self.n)]
+        vec: list[dict[tuple[str, ...], float]] = [{} for _ in range(self.n)]
         norm = [0.0] * self.n
         length = 0
         for gram, tf in counts.items():

@@ -168,7 +168,7 @@ class Captioner(nn.Module):
                                                                                first.encoder.weights_state_dict())):
                 raise ConfigError(f"model {number} has another encoder than model 1")
         decoders = [member for model in models for member in
-                    (model.decoder.members if isinstance(model.decoder, DecoderEnsemble) else [model.decoder])]
+                    (model.decoder.decoders() if isinstance(model.decoder, DecoderEnsemble) else [model.decoder])]
         ensemble = DecoderEnsemble.of(decoders)
         return cls(first.encoder, ensemble, first.vocab, first.generation_config).to(first.device)
 

@@ -84,7 +84,7 @@ def _run(session, **inputs: torch.Tensor) -> list[torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------- export
 class _DecoderInit(nn.Module):
-    def __init__(self, decoder: Decoder):
+    def __init__(self, decoder: Decoder | DecoderEnsemble):
         super().__init__()
         self.decoder = decoder
 
@@ -104,17 +104,18 @@ class _DecoderStep(nn.Module):
     def __init__(self, decoder: Decoder | DecoderEnsemble):
         super().__init__()
         self.decoder = decoder
-        self.members = list(decoder.members) if isinstance(decoder, DecoderEnsemble) else [decoder]
+        self.members = decoder.decoders() if isinstance(decoder, DecoderEnsemble) else [decoder]
         for number, member in enumerate(self.members):
             lstm = member.lstm
-            self.register_buffer(f"word_gates_{number}", F.linear(member.embedding.weight, lstm.weight_ih_l0, lstm.bias_ih_l0))
+            self.register_buffer(f"word_gates_{number}", F.linear(member.embedding.weight, lstm.get_parameter("weight_ih_l0"),
+                                                                  lstm.get_parameter("bias_ih_l0")))
 
     def forward(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         layers, outputs, hs, cs = self.decoder.config.num_layers, [], [], []
         for number, member in enumerate(self.members):
             rows = slice(number * layers, (number + 1) * layers)
-            hidden, (member_h, member_c) = member._lstm_cell_step(
-                None, (h[rows], c[rows]), input_gates=getattr(self, f"word_gates_{number}")[tokens])
+            hidden, (member_h, member_c) = member._lstm_cell_step(getattr(self, f"word_gates_{number}")[tokens],
+                                                                  (h[rows], c[rows]), projected=True)
             outputs.append(member.output(hidden))
             hs.append(member_h)
             cs.append(member_c)

@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -64,7 +65,7 @@ def original_upload(component: gr.Image) -> gr.Image:
             return decode(payload)
         return payload.path
 
-    component.preprocess = preprocess
+    component.preprocess = preprocess  # type: ignore[method-assign]  # on purpose: see the docstring
     return component
 
 
@@ -80,7 +81,7 @@ class PhotoResult:
 
 
 def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam search", beam_size: int | None = None,
-                  temperature: float = 1.0, num_captions: int = 3, max_length: int | None = None,
+                  temperature: float = 1.0, num_captions: int | None = 3, max_length: int | None = None,
                   seed: int | None = None) -> PhotoResult:
     """Caption one uploaded image for the page and the API (the page's defaults are these defaults).
 
@@ -92,8 +93,8 @@ def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam sea
     mode = STRATEGY_LABELS.get(strategy, strategy)
     try:
         num_captions = _whole(num_captions, "num_captions")
-        options = dict(strategy=mode, max_length=_whole(max_length, "max_length"),
-                       num_return_sequences=1 if mode == "greedy" else num_captions)
+        options: dict[str, object] = dict(strategy=mode, max_length=_whole(max_length, "max_length"),
+                                          num_return_sequences=1 if mode == "greedy" else num_captions)
         if mode == "beam":
             options["beam_size"] = _whole(beam_size, "beam_size")
         if mode == "sample":
@@ -104,7 +105,7 @@ def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam sea
         encoded = time.perf_counter()
         captions = model.generate(features, config)[0]
         finished = time.perf_counter()
-        labels = model.classify(features, TOP_LABELS)[0]
+        labels = cast(list[tuple[str, float]], model.classify(features, TOP_LABELS)[0])  # a batch: a list per image
     except CaptionerError as exc:  # name the upload, not where the server keeps it
         raise user_error(str(exc).replace(str(image), Path(image).name).replace(os.getcwd(), ".")) from None
     # Shares of the n-best mass and per-word probabilities: numbers a person can read, unlike a whole
@@ -243,7 +244,7 @@ def launch(model_dir: str | None = None, host: str | None = None, port: int | No
     model = Captioner.from_pretrained(model_dir, device=device, engine=engine)
     demo = build_demo(model, bundled=model_dir is None)
     demo.launch(server_name=host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                server_port=int(port or os.environ.get("GRADIO_SERVER_PORT", 7860)), share=False,
+                server_port=int(port or os.environ.get("GRADIO_SERVER_PORT", "7860")), share=False,
                 max_file_size=MAX_FILE_SIZE, show_error=True, theme=THEME, css=CSS, ssr_mode=False,
                 footer_links=["api"], allowed_paths=[str(EXAMPLES_DIR)], prevent_thread_lock=not block)
     return demo

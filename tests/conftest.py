@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,8 +57,32 @@ def feature_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("feature-cache")
 
 
+@pytest.fixture
+def train_in_process(capsys):
+    """``train_in_process(*ARGS)`` runs ``python train.py ARGS`` by its own function in this process and returns
+    what a real process gives: exit status, stdout and stderr (log lines included), without a Python start-up
+    and torch import per case. Tests of the entry point itself still start a process."""
+    from captioner.cli import train_main
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        logger = logging.getLogger("captioner")
+        handler, level = logging.StreamHandler(sys.stderr), logger.level  # sys.stderr: capsys's, at this moment
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING if "--quiet" in args else logging.INFO)  # as main() sets up a process
+        capsys.readouterr()
+        try:
+            code = train_main(list(args))
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(["train.py", *args], code, captured.out, captured.err)
+
+    return run
+
+
 def synthetic_config(synthetic: Path, out: Path, cache: Path, **overrides):
-    from captioner.training import TrainConfig
+    from captioner.train_config import TrainConfig
 
     values = dict(images=str(synthetic / "images"), train_captions=str(synthetic / "train.json"),
                   val_captions=str(synthetic / "val.json"), out=str(out), encoder="mobilenet_v2",
@@ -66,11 +93,19 @@ def synthetic_config(synthetic: Path, out: Path, cache: Path, **overrides):
 
 
 @pytest.fixture(scope="session")
-def trained_model(synthetic, feature_cache, tmp_path_factory):
-    """A model trained from random decoder weights on the synthetic shapes (MobileNetV2 features)."""
-    from captioner import Captioner
+def trained_run(synthetic, feature_cache, tmp_path_factory) -> Path:
+    """The output folder of one training run (15 epochs, random decoder weights, MobileNetV2 features) on the
+    synthetic shapes: best/, last/, log.jsonl, training.png."""
     from captioner.training import train
 
     out = tmp_path_factory.mktemp("trained")
-    best = train(synthetic_config(synthetic, out, feature_cache))
-    return Captioner.from_pretrained(best, device="cpu")
+    train(synthetic_config(synthetic, out, feature_cache))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_model(trained_run):
+    """The best model of ``trained_run``."""
+    from captioner import Captioner
+
+    return Captioner.from_pretrained(trained_run / "best", device="cpu")

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.bulk import (MAX_PATH_BYTES, RECORD_START, JsonlFile, Shard, collect_inputs, merge, read_file_list,
-                            scan_records)
+from captioner.bulk import MAX_PATH_BYTES, RECORD_START, JsonlFile, Shard, collect_inputs, merge, read_file_list
 from captioner.cli import main
 from captioner.errors import ConfigError, DataError, OutputError
 from conftest import ROOT

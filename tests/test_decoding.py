@@ -5,7 +5,7 @@ import torch
 
 from captioner import Caption, ConfigError
 from captioner.decoder import Decoder, DecoderConfig
-from captioner.decoding import GenerationConfig, beam_search, constrain, generate, sample_or_greedy
+from captioner.decoding import GenerationConfig, constrain, generate
 from captioner.vocab import END_ID, UNK_ID
 
 

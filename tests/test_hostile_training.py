@@ -18,16 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from captioner import checkpoint
 from captioner.checkpoint import atomic_directory
 from captioner.data import load_captions
 from captioner.distributed import Distributed
 from captioner.encoder import Encoder
-from captioner.errors import CheckpointError, ConfigError, DataError, ImageError, OutputError
+from captioner.errors import CheckpointError, ConfigError, DataError, OutputError
 from captioner.features import FeatureCache, extract_features
-from captioner.training import TrainConfig, claim_output, train
+from captioner.run_folder import claim_output
+from captioner.train_config import TrainConfig
+from captioner.training import train
 from conftest import ROOT, need, synthetic_config
 
 pytestmark = pytest.mark.slow  # trains models and runs subprocesses
@@ -204,12 +206,12 @@ def flawed_config(flawed, synthetic, tmp_path, cache, **overrides) -> TrainConfi
                         train_captions=str(flawed / "train.json"), val_images=str(synthetic / "images"), **overrides)
 
 
-def test_undecodable_images_stop_training_in_one_line_and_keep_the_rest_encoded(flawed, synthetic, feature_cache,
-                                                                                tmp_path):
+def test_undecodable_images_stop_training_in_one_line_and_keep_the_rest_encoded(flawed, synthetic, tmp_path,
+                                                                                train_in_process):
     cache = tmp_path / "cache"
-    result = run_train(*cli_args(synthetic, tmp_path / "out", cache, "--images", str(flawed / "images"),
-                                 "--train-captions", str(flawed / "train.json"), "--val-images",
-                                 str(synthetic / "images")))
+    result = train_in_process(*cli_args(synthetic, tmp_path / "out", cache, "--images", str(flawed / "images"),
+                                        "--train-captions", str(flawed / "train.json"), "--val-images",
+                                        str(synthetic / "images")))
     first_bad = sorted(flawed.glob("images/*.png"))[0]
     assert_one_line_error(result, "3 of 20 images cannot be read", f"{first_bad}: truncated or corrupt",
                           "--skip-invalid")
@@ -233,27 +235,28 @@ def test_all_images_undecodable_is_a_data_error(flawed, synthetic, feature_cache
 
 
 # ------------------------------------------------------------------------------------------------ 4. --out problems
-def test_out_that_is_a_file_or_below_one_fails_before_any_work(synthetic, tmp_path):
+def test_out_that_is_a_file_or_below_one_fails_before_any_work(synthetic, tmp_path, train_in_process):
     occupied = tmp_path / "occupied"
     occupied.write_text("not a folder")
     cache = tmp_path / "cache"
-    assert_one_line_error(run_train(*cli_args(synthetic, occupied, cache)), f"--out {occupied}: is a file, not a folder")
+    assert_one_line_error(train_in_process(*cli_args(synthetic, occupied, cache)),
+                          f"--out {occupied}: is a file, not a folder")
     below = occupied / "run"
-    assert_one_line_error(run_train(*cli_args(synthetic, below, cache)),
+    assert_one_line_error(train_in_process(*cli_args(synthetic, below, cache)),
                           f"--out {below}: cannot write there (Not a directory)")
-    assert_one_line_error(run_train(*cli_args(synthetic, tmp_path / "run", occupied)),
+    assert_one_line_error(train_in_process(*cli_args(synthetic, tmp_path / "run", occupied)),
                           f"--feature-cache {occupied}: is a file, not a folder")
     assert not cache.exists() and occupied.read_text() == "not a folder"
 
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC, errno.EACCES])
 def test_unwritable_out_is_found_before_the_data_is_read(tmp_path, monkeypatch, code):
-    import captioner.training as training
+    import captioner.run_folder as run_folder
 
     def refuse(path, *args, **kwargs):
         raise OSError(code, os.strerror(code), str(path))
 
-    monkeypatch.setattr(training, "open", refuse, raising=False)
+    monkeypatch.setattr(run_folder, "open", refuse, raising=False)
     config = TrainConfig(images=str(tmp_path / "no-images"), train_captions=str(tmp_path / "none.json"),
                          out=str(tmp_path / "run"), device="cpu")
     with pytest.raises(OutputError, match=rf"--out {tmp_path / 'run'}: cannot write there \({os.strerror(code)}\)"):
@@ -368,17 +371,18 @@ def test_non_finite_or_zero_rates(synthetic, tmp_path, key, value):
     ("run.toml", b"epochs = \xff", "invalid config file"),
     ("run.json", '{"epochs": 3', "invalid config file"),
 ])
-def test_train_cli_reports_bad_config_files_in_one_line(synthetic, tmp_path, name, content, message):
+def test_train_cli_reports_bad_config_files_in_one_line(synthetic, tmp_path, train_in_process, name, content, message):
     config = tmp_path / name
     config.write_bytes(content if isinstance(content, bytes) else content.encode())
-    result = run_train(*cli_args(synthetic, tmp_path / "run", tmp_path / "cache"), "--config", str(config))
+    result = train_in_process(*cli_args(synthetic, tmp_path / "run", tmp_path / "cache"), "--config", str(config))
     error = assert_one_line_error(result, message)
     assert str(config) in error or "must be between" in error
 
 
-def test_config_path_that_is_a_folder_or_missing(tmp_path):
-    assert_one_line_error(run_train("--config", str(tmp_path)), f"{tmp_path}: cannot read the config file (Is a directory)")
-    assert_one_line_error(run_train("--config", str(tmp_path / "nope.toml")), "config file not found")
+def test_config_path_that_is_a_folder_or_missing(tmp_path, train_in_process):
+    assert_one_line_error(train_in_process("--config", str(tmp_path)),
+                          f"{tmp_path}: cannot read the config file (Is a directory)")
+    assert_one_line_error(train_in_process("--config", str(tmp_path / "nope.toml")), "config file not found")
 
 
 @pytest.mark.parametrize("saved, message", [
@@ -387,10 +391,11 @@ def test_config_path_that_is_a_folder_or_missing(tmp_path):
     ([1, 2], "trainer.json: no 'config' object"),
     ({"config": {"epochs": 3, "bogus": 1}}, "trainer.json: unknown option(s) bogus"),
 ])
-def test_tampered_trainer_json_on_resume(synthetic, tmp_path, saved, message):
+def test_tampered_trainer_json_on_resume(synthetic, tmp_path, train_in_process, saved, message):
     (tmp_path / "run" / "last").mkdir(parents=True)
     (tmp_path / "run" / "last" / "trainer.json").write_text(json.dumps(saved))
-    assert_one_line_error(run_train(*cli_args(synthetic, tmp_path / "run", tmp_path / "cache"), "--resume"), message)
+    result = train_in_process(*cli_args(synthetic, tmp_path / "run", tmp_path / "cache"), "--resume")
+    assert_one_line_error(result, message)
 
 
 def test_tampered_training_state_on_resume(synthetic, feature_cache, tmp_path):
@@ -493,12 +498,12 @@ def test_annotation_file_size_is_bounded_before_reading(annotations, monkeypatch
         load_captions(annotations / "images", annotations / "images")
 
 
-def test_train_cli_refuses_a_path_escaping_the_image_folder(synthetic, tmp_path):
+def test_train_cli_refuses_a_path_escaping_the_image_folder(synthetic, tmp_path, train_in_process):
     data = json.loads((synthetic / "val.json").read_text())
     data["images"][0]["file_name"] = "../../../../etc/passwd"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
-    result = run_train(*cli_args(synthetic, tmp_path / "run", tmp_path / "cache"), "--train-captions", str(bad))
+    result = train_in_process(*cli_args(synthetic, tmp_path / "run", tmp_path / "cache"), "--train-captions", str(bad))
     assert_one_line_error(result, str(bad), "'../../../../etc/passwd' leads outside the image folder")
 
 

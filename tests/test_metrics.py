@@ -32,7 +32,7 @@ def test_java_scorers_present_when_java_is(monkeypatch):
 
 def test_fallback_without_java(monkeypatch, caplog):
     monkeypatch.setattr(metrics, "java_available", lambda: False)
-    monkeypatch.setattr(metrics._warn_no_java, "done", False, raising=False)
+    metrics._warn_no_java.cache_clear()  # as in a fresh process
     with caplog.at_level("WARNING", logger="captioner.metrics"):
         scores = score_captions({k: v[0] for k, v in REFS.items()}, REFS)
         score_captions({k: v[0] for k, v in REFS.items()}, REFS)

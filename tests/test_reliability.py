@@ -99,10 +99,10 @@ def _train_command(synthetic, out, cache, epochs):
 
 
 @pytest.mark.slow
-def test_sigkill_during_training_then_resume(synthetic, tmp_path):
+def test_sigkill_during_training_then_resume(synthetic, feature_cache, tmp_path):
     """Kill a real training process twice at different moments; resuming ends with the same model as a run
     that was never interrupted, and the log lists every epoch once."""
-    epochs, cache = 6, tmp_path / "cache"
+    epochs, cache = 6, feature_cache  # shared: the kills come after epochs, not during extraction
     straight = subprocess.run(_train_command(synthetic, tmp_path / "straight", cache, epochs), cwd=ROOT,
                               capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-2000:]

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from captioner import Captioner
 from captioner.data import load_captions
 from captioner.decoder import Decoder, DecoderConfig
-from captioner.training import dropout_off, train
+from captioner.scst import dropout_off
+from captioner.training import train
 from conftest import ROOT, synthetic_config
 
 pytestmark = pytest.mark.slow  # trains models or runs subprocesses: `pytest -m "not slow"` skips them
@@ -29,11 +30,10 @@ def test_training_learns_to_caption_held_out_images(trained_model, synthetic):
                                                     for r in records], captions))
 
 
-def test_training_writes_log_plot_and_checkpoints(trained_model, synthetic, tmp_path):
-    out = tmp_path / "run"
-    train(synthetic_config(synthetic, out, tmp_path / "cache", epochs=2))
+def test_training_writes_log_plot_and_checkpoints(trained_run):
+    out = trained_run
     history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in history] == [1, 2]
+    assert [h["epoch"] for h in history] == list(range(1, 16))
     assert all({"loss", "BLEU-4", "CIDEr-D", "lr"} <= set(h) for h in history)
     assert (out / "training.png").stat().st_size > 1000
     for name in ("best", "last"):
@@ -54,10 +54,10 @@ def test_checkpoint_round_trip_gives_identical_captions(trained_model, synthetic
                           torch.tensor([[c.log_prob for c in row] for row in after]), atol=1e-5)
 
 
-def test_resume_equals_uninterrupted_training(synthetic, tmp_path):
+def test_resume_equals_uninterrupted_training(synthetic, feature_cache, tmp_path):
     common = dict(encoder="resnet18", encoder_weights="none", epochs=4, dropout=0.3, batch_size=64)
-    straight = train(synthetic_config(synthetic, tmp_path / "straight", tmp_path / "cache", **common))
-    interrupted = synthetic_config(synthetic, tmp_path / "resumed", tmp_path / "cache", **common)
+    straight = train(synthetic_config(synthetic, tmp_path / "straight", feature_cache, **common))
+    interrupted = synthetic_config(synthetic, tmp_path / "resumed", feature_cache, **common)
     train(interrupted, stop_after_epoch=2)
     assert json.loads((tmp_path / "resumed" / "last" / "trainer.json").read_text())["progress"]["epoch"] == 2
     train(interrupted, resume=True)
@@ -76,7 +76,7 @@ def run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("problem", ["malformed", "dangling", "missing_file", "empty_caption"])
-def test_train_cli_reports_bad_data_in_one_line(synthetic, tmp_path, problem):
+def test_train_cli_reports_bad_data_in_one_line(synthetic, tmp_path, train_in_process, problem):
     data = json.loads((synthetic / "val.json").read_text())
     if problem == "malformed":
         text = json.dumps(data)[:-5]
@@ -90,9 +90,9 @@ def test_train_cli_reports_bad_data_in_one_line(synthetic, tmp_path, problem):
         text = json.dumps(data)
     bad = tmp_path / "bad.json"
     bad.write_text(text)
-    result = run_cli("--images", str(synthetic / "images"), "--train-captions", str(bad),
-                     "--val-captions", str(synthetic / "val.json"), "--out", str(tmp_path / "out"),
-                     "--encoder-weights", "none")
+    result = train_in_process("--images", str(synthetic / "images"), "--train-captions", str(bad),
+                              "--val-captions", str(synthetic / "val.json"), "--out", str(tmp_path / "out"),
+                              "--encoder-weights", "none")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -116,12 +116,12 @@ def test_train_cli_help_and_bad_options(tmp_path):
     assert result.returncode == 2 and "learning_rate" in result.stderr
 
 
-def test_config_file_and_flags_merge(synthetic, tmp_path):
+def test_config_file_and_flags_merge(synthetic, feature_cache, tmp_path):
     """Flags override the config file, which overrides the defaults (seen in the saved trainer.json)."""
     config = tmp_path / "run.toml"
     config.write_text(f'images = "{synthetic / "images"}"\ntrain-captions = "{synthetic / "train.json"}"\n'
                       f'val_captions = "{synthetic / "val.json"}"\nepochs = 1\nhidden_size = 32\nembed_size = 16\n'
-                      f'encoder = "resnet18"\nencoder_weights = "none"\nfeature_cache = "{tmp_path / "cache"}"\n'
+                      f'encoder = "resnet18"\nencoder_weights = "none"\nfeature_cache = "{feature_cache}"\n'
                       f'batch_size = 99\n')
     result = run_cli("--config", str(config), "--batch-size", "50", "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
@@ -129,8 +129,8 @@ def test_config_file_and_flags_merge(synthetic, tmp_path):
     assert saved["batch_size"] == 50 and saved["hidden_size"] == 32 and saved["lr"] == 4e-4
 
 
-def test_scst_phase_raises_reward_and_keeps_the_cross_entropy_best(synthetic, tmp_path):
-    config = synthetic_config(synthetic, tmp_path / "scst", tmp_path / "cache", epochs=10, scst_epochs=3,
+def test_scst_phase_raises_reward_and_keeps_the_cross_entropy_best(synthetic, feature_cache, tmp_path):
+    config = synthetic_config(synthetic, tmp_path / "scst", feature_cache, epochs=10, scst_epochs=3,
                               scst_lr=5e-4, scst_samples=4, scst_batch_size=4)
     train(config)
     history = [json.loads(line) for line in (tmp_path / "scst" / "log.jsonl").read_text().splitlines()]
@@ -158,26 +158,26 @@ def test_scheduled_sampling_label_smoothing_and_encoder_finetuning_train(synthet
     assert not torch.equal(load_file(str(best / "encoder.safetensors"))["conv1.weight"], initial)
 
 
-def test_scst_with_greedy_baseline_runs(synthetic, tmp_path):
-    config = synthetic_config(synthetic, tmp_path / "greedy", tmp_path / "cache", epochs=2, scst_epochs=1,
+def test_scst_with_greedy_baseline_runs(synthetic, feature_cache, tmp_path):
+    config = synthetic_config(synthetic, tmp_path / "greedy", feature_cache, epochs=2, scst_epochs=1,
                               scst_baseline="greedy", scst_samples=2, scst_batch_size=8)
     train(config)
     phases = [json.loads(line)["phase"] for line in (tmp_path / "greedy" / "log.jsonl").read_text().splitlines()]
     assert phases == ["xe", "xe", "scst"]
 
 
-def test_augmented_views_train_and_validate_on_the_centre_view(synthetic, tmp_path):
+def test_augmented_views_train_and_validate_on_the_centre_view(synthetic, feature_cache, tmp_path):
     from captioner.training import Trainer
 
-    config = synthetic_config(synthetic, tmp_path / "augment", tmp_path / "cache", encoder="resnet18",
+    config = synthetic_config(synthetic, tmp_path / "augment", feature_cache, encoder="resnet18",
                               encoder_weights="none", epochs=1, augment="flip")
     trainer = Trainer(config)
-    assert trainer.train.features.shape[:2] == (2, len(trainer.train.records))
-    assert trainer.val.features.dim() == 2
+    assert trainer.train_split.features.shape[:2] == (2, len(trainer.train_split.records))
+    assert trainer.val_split.features.dim() == 2
     rows = torch.arange(8)
     picked = trainer._features_for(rows)
-    assert picked.shape == (8, trainer.train.features.shape[-1])
-    assert all(any(torch.equal(picked[i], trainer.train.features[v, i]) for v in range(2)) for i in range(8))
+    assert picked.shape == (8, trainer.train_split.features.shape[-1])
+    assert all(any(torch.equal(picked[i], trainer.train_split.features[v, i]) for v in range(2)) for i in range(8))
     trainer.run()
     assert len((tmp_path / "augment" / "log.jsonl").read_text().splitlines()) == 1
 

@@ -1,0 +1,96 @@
+"""The run's output folder (``--out``): claimed before any work, and its log rewritten after each epoch.
+
+Claiming checks that ``--out`` and the feature cache are writable folders and takes an exclusive lock
+on ``--out/.lock``, so a read-only or full disk, or a second run with the same ``--out``, fails at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .checkpoint import check_writable
+from .distributed import Distributed
+from .errors import OutputError
+from .features import default_cache_dir
+from .train_config import TrainConfig
+
+LOG_FILE, PLOT_FILE, LOCK_FILE = "log.jsonl", "training.png", ".lock"
+
+
+@contextmanager
+def claim_output(config: TrainConfig, dist: Distributed) -> Iterator[None]:
+    """Hold ``--out`` for one run: its folders must be writable, and no other training may write to it.
+
+    Checked before any work, so a read-only or full disk, ``--out`` naming a file, or a second run with
+    the same ``--out`` fails at once, not after an epoch. Rank 0 checks; every rank raises its error.
+    """
+    out, lock, problem = Path(config.out), None, None
+    if dist.is_main:
+        folders = {"--out": out}
+        if not config.finetune_encoder:
+            folders["--feature-cache"] = Path(config.feature_cache or default_cache_dir())
+        try:
+            for flag, folder in folders.items():
+                check_writable(folder, flag)
+            lock = _lock(out)
+        except OutputError as exc:
+            problem = str(exc)
+        except OSError as exc:  # the lock itself, on a file system without locks
+            problem = f"--out {out}: cannot lock {LOCK_FILE} ({exc.strerror or exc})"
+    problem = dist.broadcast(problem)
+    if problem:
+        raise OutputError(problem)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _lock(out: Path) -> int:
+    """An exclusive lock on ``out/.lock``, which holds our pid; the kernel releases it when the process
+    ends, however it ends, so a killed run never leaves ``--out`` locked."""
+    descriptor = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(descriptor, 32).decode("ascii", "replace").strip()
+        os.close(descriptor)
+        raise OutputError(f"--out {out}: another training (pid {holder if holder.isdigit() else 'unknown'}) is "
+                          "writing there; wait for it to finish or choose another --out") from None
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"{os.getpid()}\n".encode())
+    return descriptor
+
+
+def write_log(out: Path, history: list[dict], metric: str) -> None:
+    """Rewrite log.jsonl and training.png from the whole history (so a resumed run has one log)."""
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = out / f".{LOG_FILE}.tmp"
+    temporary.write_text("".join(json.dumps(entry) + "\n" for entry in history), encoding="utf-8")
+    temporary.replace(out / LOG_FILE)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [e["epoch"] for e in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(epochs, [e["loss"] for e in history], marker="o")
+    scst = any(e["phase"] == "scst" for e in history)
+    left.set(title="training loss" + (" (SCST epochs: minus mean reward)" if scst else ""), xlabel="epoch")
+    for name in dict.fromkeys(["BLEU-4", "CIDEr-D", metric]):
+        right.plot(epochs, [e.get(name, float("nan")) for e in history], marker="o", label=name)
+    best = max((e for e in history if e.get("best")), key=lambda e: e["epoch"], default=None)
+    if best is not None:
+        right.axvline(best["epoch"], color="grey", linestyle="--", label=f"best (epoch {best['epoch']})")
+    right.set(title="validation", xlabel="epoch")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(out / PLOT_FILE, dpi=100)
+    plt.close(figure)

@@ -251,12 +251,12 @@ def test_out_that_is_a_file_or_below_one_fails_before_any_work(synthetic, tmp_pa
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC, errno.EACCES])
 def test_unwritable_out_is_found_before_the_data_is_read(tmp_path, monkeypatch, code):
-    import captioner.run_folder as run_folder
+    import captioner.checkpoint as checkpoint  # home of the write probe that training and bulk captioning share
 
     def refuse(path, *args, **kwargs):
         raise OSError(code, os.strerror(code), str(path))
 
-    monkeypatch.setattr(run_folder, "open", refuse, raising=False)
+    monkeypatch.setattr(checkpoint, "open", refuse, raising=False)
     config = TrainConfig(images=str(tmp_path / "no-images"), train_captions=str(tmp_path / "none.json"),
                          out=str(tmp_path / "run"), device="cpu")
     with pytest.raises(OutputError, match=rf"--out {tmp_path / 'run'}: cannot write there \({os.strerror(code)}\)"):

@@ -2,7 +2,8 @@
 
 Every strategy advances all images (and all beams or samples) together, one tensor operation per
 step, through :meth:`Decoder.step`. Finished hypotheses stay in place and only extend with
-``<pad>`` at log-probability 0, so no per-image Python bookkeeping is needed.
+``<pad>`` at log-probability 0, so no per-image Python bookkeeping is needed; the decoder itself is
+only asked for the rows still being written (:func:`step_unfinished`).
 
 Scores: ``log_prob`` is always the model's own log-likelihood of the words plus ``<end>`` (the
 log-softmax of the unmodified logits), whatever masks, temperature or filters steered the search;
@@ -19,7 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .decoder import Decoder, DecoderEnsemble, StepDecoder
+from .decoder import Decoder, DecoderEnsemble, State, StepDecoder
 from .bounds import check_fields, option
 from .errors import ConfigError
 from .vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
@@ -165,6 +166,25 @@ def constrain(log_probs: torch.Tensor, history: torch.Tensor, step: int, config:
     return log_probs
 
 
+def step_unfinished(decoder: StepDecoder, tokens: torch.Tensor, state: State,
+                    done: torch.Tensor) -> tuple[torch.Tensor, State]:
+    """``decoder.step`` computed for the rows not ``done`` only; finished rows get zeros and keep their state.
+
+    A finished row's outputs are never read (it only extends with ``<pad>``), yet in a batch most rows
+    finish well before the longest caption: skipping them saved about a third of the decoder's work for
+    32 COCO photos at beam 3 (``benchmarks/bulk_caption.py``).
+    """
+    if not done.any():
+        return decoder.step(tokens, state)
+    live = (~done).nonzero()[:, 0]
+    logits, (h, c) = decoder.step(tokens[live], (state[0][:, live], state[1][:, live]))
+    all_logits = logits.new_zeros((len(tokens), logits.size(1)))
+    all_logits[live] = logits
+    all_h, all_c = state[0].clone(), state[1].clone()
+    all_h[:, live], all_c[:, live] = h, c
+    return all_logits, (all_h, all_c)
+
+
 def sample_or_greedy(decoder: StepDecoder, features: torch.Tensor, config: GenerationConfig) -> Hypotheses:
     """Greedy (argmax) or sampling (temperature, top-k, top-p) decoding, ``n`` samples per image."""
     batch = features.size(0)
@@ -179,7 +199,7 @@ def sample_or_greedy(decoder: StepDecoder, features: torch.Tensor, config: Gener
     history: list[torch.Tensor] = []
     chosen_lps: list[torch.Tensor] = []
     for step in range(config.max_length + 1):
-        logits, state = decoder.step(tokens, state)
+        logits, state = step_unfinished(decoder, tokens, state, done)
         log_probs = F.log_softmax(logits.float(), -1)
         allowed = constrain(log_probs.clone(), _stack(history, tokens), step, config)
         if config.strategy == "greedy":
@@ -238,7 +258,7 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, config: Generation
     history_lps = torch.empty((rows, 0), device=device)
     offsets = (torch.arange(batch, device=device) * beams)[:, None]
     for step in range(config.max_length + 1):
-        logits, state = decoder.step(tokens, state)
+        logits, state = step_unfinished(decoder, tokens, state, done)
         log_probs = F.log_softmax(logits.float(), -1)
         candidates = constrain(log_probs.clone(), history, step, config)
         candidates[done] = float("-inf")

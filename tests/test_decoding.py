@@ -5,8 +5,8 @@ import torch
 
 from captioner import Caption, ConfigError
 from captioner.decoder import Decoder, DecoderConfig
-from captioner.decoding import GenerationConfig, constrain, generate
-from captioner.vocab import END_ID, UNK_ID
+from captioner.decoding import GenerationConfig, constrain, generate, to_captions
+from captioner.vocab import END_ID, PAD_ID, UNK_ID
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +135,27 @@ def test_cpu_inference_step_equals_the_lstm_module(num_layers):
     hidden, (h_ref, c_ref) = decoder.lstm(decoder.embedding(tokens).unsqueeze(1), state)
     assert torch.allclose(logits, decoder.output(hidden[:, 0]), atol=1e-5)
     assert torch.allclose(h, h_ref, atol=1e-5) and torch.allclose(c, c_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["beam", "greedy", "sample"])
+def test_finished_rows_are_not_stepped(trained_model, features, strategy):
+    """Rows whose caption has ended cost no decoder work, and skipping them changes no caption."""
+    stepped = []
+
+    class Recording:
+        def init_state(self, batch_features):
+            return trained_model.decoder.init_state(batch_features)
+
+        def step(self, tokens, state):
+            stepped.append(tokens.clone())
+            return trained_model.decoder.step(tokens, state)
+
+    config = trained_model.generation_config.updated(strategy=strategy, beam_size=4, seed=0, max_length=30,
+                                                      num_return_sequences=1 if strategy == "greedy" else 2)
+    recorded, plain = generate(Recording(), features, config), generate(trained_model.decoder, features, config)
+    assert all(torch.equal(a, b) for a, b in zip(recorded, plain))
+    assert not any(((tokens == END_ID) | (tokens == PAD_ID)).any() for tokens in stepped)
+    assert len(stepped[-1]) < len(stepped[0])  # captions of different lengths: rows drop out as they end
+    rescored = trained_model.score(features.repeat_interleave(config.num_return_sequences, 0),
+                                   [c.text for row in to_captions(recorded, trained_model.vocab) for c in row])
+    assert rescored == pytest.approx(recorded.token_log_probs.sum(-1).flatten().tolist(), abs=1e-3)

@@ -29,13 +29,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torchvision.transforms.functional as TF_v1
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 from torch import nn
 from torchvision import models
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms._presets import ImageClassification
+from torchvision.transforms.functional import pil_modes_mapping
 
 from .bounds import check_fields, check_value, option
 from .checkpoint import check_shapes, check_values
@@ -89,14 +90,43 @@ def limit_aspect_ratio(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) 
 
 
 class ImageTransform(nn.Module):
-    """The aspect-ratio limit, then the weights' own preset (a module, so DataLoader workers can pickle it)."""
+    """The aspect-ratio limit, then the weights' own preset: resize, centre-crop, normalise.
 
-    def __init__(self, preset: ImageClassification):
+    torchvision's ``ImageClassification`` preset resizes the whole image, then keeps the centre crop. This
+    resizes only the crop's region of the source (Pillow's ``box``: the same filter positions and widths),
+    half the work for a 640 x 480 photo (1.3 instead of 2.3 ms). Its pixels match the preset's but for
+    rounding: about one value in 2,000 is one level (of 255) apart (tests/test_encoder.py). Nearest-neighbour
+    sampling rounds box positions differently, so it keeps the preset's order. A module, so DataLoader
+    workers can pickle it.
+    """
+
+    def __init__(self, preprocessing: "Preprocessing"):
         super().__init__()
-        self.preset = preset
+        self.preprocessing = preprocessing
+        self.filter = pil_modes_mapping[InterpolationMode(preprocessing.interpolation)]
 
     def forward(self, image: Image.Image) -> torch.Tensor:
-        return self.preset(limit_aspect_ratio(image))
+        image = limit_aspect_ratio(image)
+        crop = self.preprocessing.crop_size
+        (width, height), (left, top) = resized_and_crop(image.size, self.preprocessing.resize_size, crop)
+        if self.filter == Image.Resampling.NEAREST:
+            pixels = image.resize((width, height), self.filter).crop((left, top, left + crop, top + crop))
+        else:
+            scale_x, scale_y = image.width / width, image.height / height
+            box = (left * scale_x, top * scale_y, (left + crop) * scale_x, (top + crop) * scale_y)
+            pixels = image.resize((crop, crop), self.filter, box=box)
+        pixels = TF_v1.convert_image_dtype(TF_v1.pil_to_tensor(pixels), torch.float)
+        return TF_v1.normalize(pixels, self.preprocessing.mean, self.preprocessing.std)
+
+
+def resized_and_crop(size: tuple[int, int], resize_size: int, crop_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """torchvision's size after ``resize(resize_size)`` and the offset of its ``center_crop(crop_size)``."""
+    width, height = size
+    short, long = sorted(size)
+    resized_long = int(resize_size * long / short)
+    resized = (resize_size, resized_long) if width <= height else (resized_long, resize_size)
+    left, top = (int(round((side - crop_size) / 2.0)) for side in resized)
+    return resized, (left, top)
 
 
 @dataclass
@@ -128,8 +158,7 @@ class Preprocessing:
 
     def transform(self) -> "ImageTransform":
         """A callable mapping a PIL image to a normalised float tensor (3, H, W)."""
-        return ImageTransform(ImageClassification(crop_size=self.crop_size, resize_size=self.resize_size, mean=self.mean,
-                                                  std=self.std, interpolation=InterpolationMode(self.interpolation)))
+        return ImageTransform(self)
 
     def view_transform(self, view: str = "center") -> Callable[[Image.Image], torch.Tensor]:
         """Like :meth:`transform`, for one of :data:`VIEWS`: the centre crop or a corner crop, optionally

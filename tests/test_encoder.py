@@ -34,8 +34,32 @@ def test_preprocessing_comes_from_the_weights():
         assert (config.resize_size, config.crop_size) == (preset.resize_size[0], preset.crop_size[0]), name
         assert (config.mean, config.std) == (list(preset.mean), list(preset.std))
     rebuilt = Preprocessing(**json.loads(json.dumps(Preprocessing.from_weights(models.ResNet50_Weights.DEFAULT).__dict__)))
-    image = load_image(torch.randint(0, 255, (300, 400, 3), dtype=torch.uint8).numpy())
-    assert torch.allclose(rebuilt.transform()(image), models.ResNet50_Weights.DEFAULT.transforms()(image))
+    assert rebuilt == Preprocessing.from_weights(models.ResNet50_Weights.DEFAULT)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+def test_transform_gives_the_torchvision_presets_pixels(interpolation):
+    """Resizing only the centre crop's region matches resize-then-crop but for rare one-level roundings."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms._presets import ImageClassification
+
+    config = Preprocessing(interpolation=interpolation)
+    preset = ImageClassification(crop_size=config.crop_size, resize_size=config.resize_size, mean=config.mean,
+                                 std=config.std, interpolation=InterpolationMode(interpolation))
+    generator = torch.Generator().manual_seed(0)
+    photo = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 16, generator=generator), size=(480, 640),
+                                            mode="bicubic")[0].clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy()
+    one_level = max(config.std) ** -1 / 255
+    for width, height in [(640, 480), (480, 640), (333, 500), (256, 256), (256, 341), (224, 224), (100, 37), (1, 1),
+                          (1024, 767)]:
+        image = load_image(photo).resize((width, height))
+        ours, theirs = config.transform()(image), preset(image)
+        assert ours.shape == theirs.shape == (3, config.crop_size, config.crop_size)
+        difference = (ours - theirs).abs()
+        assert difference.max() <= 2 * one_level + 1e-6, (width, height)
+        assert (difference > 1e-6).float().mean() < 0.002, (width, height)
+        if interpolation == "nearest":
+            assert torch.equal(ours, theirs)
 
 
 def test_random_weights_for_tests_only():

@@ -13,6 +13,7 @@ batched search in :mod:`captioner.decoding` decodes it unchanged.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
@@ -76,8 +77,15 @@ def build_decoder(config: DecoderConfig) -> "Decoder | DecoderEnsemble":
 
 
 def average_probabilities(log_probs: list[torch.Tensor]) -> torch.Tensor:
-    """``log(mean(p_i))`` of the members' log-probabilities: the ensemble's own normalised log-probabilities."""
-    return torch.logsumexp(torch.stack(log_probs), 0) - math.log(len(log_probs))
+    """``log(mean(p_i))`` of the members' log-probabilities: the ensemble's own normalised log-probabilities.
+
+    Written as elementwise operations (shifted by the members' maximum, as ``logsumexp`` does) rather than
+    ``logsumexp`` over a stacked axis: exported to ONNX, that reduction took a third of a 96-row ensemble
+    step in ONNX Runtime (5.2 of 15.3 ms, one thread), these operations a few percent.
+    """
+    peak = functools.reduce(torch.maximum, log_probs)
+    total = functools.reduce(torch.add, [(member - peak).exp() for member in log_probs])
+    return peak + total.log() - math.log(len(log_probs))
 
 
 class Decoder(nn.Module):
@@ -146,26 +154,27 @@ class Decoder(nn.Module):
         hidden, state = self._lstm_cell_step(inputs, state)
         return self.output(hidden), state
 
-    def _lstm_cell_step(self, inputs: torch.Tensor, state: State,
-                        projected: bool = False) -> tuple[torch.Tensor, State]:
+    def _lstm_cell_step(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """The LSTM's equations for one step, written out (inference only: no dropout between layers).
 
         On the CPU, oneDNN's LSTM kernel costs more than this for the few rows of a single image's search
         (beam 5, one image: 13 ms instead of 18), and less for a batch (256 images: 210 against 180 images/s).
-        With ``projected``, ``inputs`` are already the first layer's input gates ``W_ih x + b_ih`` (the ONNX
-        export looks them up per word).
         """
         hiddens, cells = [], []
         for layer in range(self.config.num_layers):
             weights = [getattr(self.lstm, f"{name}_l{layer}") for name in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")]
-            input_gates = inputs if layer == 0 and projected else F.linear(inputs, weights[0], weights[1])
-            gates = input_gates + F.linear(state[0][layer], weights[2], weights[3])
-            input_gate, forget_gate, candidate, output_gate = gates.chunk(4, 1)
-            cell = forget_gate.sigmoid() * state[1][layer] + input_gate.sigmoid() * candidate.tanh()
-            inputs = output_gate.sigmoid() * cell.tanh()
+            inputs, cell = lstm_cell(F.linear(inputs, weights[0], weights[1]), F.linear(state[0][layer], weights[2], weights[3]),
+                                     state[1][layer])
             hiddens.append(inputs)
             cells.append(cell)
         return inputs, (torch.stack(hiddens), torch.stack(cells))
+
+
+def lstm_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, cell: torch.Tensor) -> State:
+    """One LSTM cell update from its gates' two halves, ``W_ih x + b_ih`` and ``W_hh h + b_hh``: ``(h, c)``."""
+    input_gate, forget_gate, candidate, output_gate = (input_gates + hidden_gates).chunk(4, -1)
+    cell = forget_gate.sigmoid() * cell + input_gate.sigmoid() * candidate.tanh()
+    return output_gate.sigmoid() * cell.tanh(), cell
 
 
 class DecoderEnsemble(nn.Module):

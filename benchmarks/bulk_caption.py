@@ -5,16 +5,19 @@
 For 1,000 Flickr8k photos (224 x 224) and for the 80 full-size COCO photos of ../shared/data/coco-sample
 repeated to about 300, in one run: today's path (before bulk captioning: each image loaded in the main
 process, then one encode and decode per batch, as ``captioner caption`` did) and the bulk pipeline
-(:func:`captioner.bulk.caption_files` writing JSONL, labels included) at each ``--workers`` count.
+(:func:`captioner.bulk.caption_files` writing JSONL, labels included, its model loaded as ``captioner caption``
+loads it: ONNX Runtime on half the cores per stage) at each ``--workers`` count.
 Files are read once beforehand so every path finds them in the page cache. With ``--rounds N`` the paths
 take turns N times and each keeps its best round, so a busy neighbour slows them alike. Checks that every
-path gives the same captions, and prints a table with the extrapolated time for a million photos.
+path gives the same captions, and prints a table with the CPU time each photo took (this process and its
+loader workers; two cores' worth per wall second at most) and the extrapolated time for a million photos.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -27,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from captioner import Captioner  # noqa: E402
 from captioner.bulk import JsonlFile, caption_files  # noqa: E402
-from captioner.runtime import BUNDLED_MODEL  # noqa: E402
+from captioner.runtime import BUNDLED_MODEL, stage_threads  # noqa: E402
 from conftest import find_shared_data  # noqa: E402
 
 
@@ -52,6 +55,12 @@ def bulk_path(model: Captioner, files: list[str], batch_size: int, workers: int)
     return [[c["text"] for c in record["captions"]] for record in records]
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the loader workers, joined after each run)."""
+    return sum(usage.ru_utime + usage.ru_stime for usage in (resource.getrusage(resource.RUSAGE_SELF),
+                                                             resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint directory (default: the bundled model)")
@@ -73,27 +82,32 @@ def main() -> None:
         for file in set(files):
             Path(file).read_bytes()  # into the page cache, for every path alike
     model = Captioner.from_pretrained(args.model or BUNDLED_MODEL, device=args.device)
+    bulk_model = Captioner.from_pretrained(args.model or BUNDLED_MODEL, device=args.device, num_threads=stage_threads())
     print(f"engine {model.engine}, device {model.device}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"decoding {model.generation_config}")
     todays_path(model, sets["COCO full-size"][:args.batch_size], args.batch_size)  # warm-up
 
-    print("| photos | path | photos/s | vs today | 1M photos | same captions |")
-    print("|---|---|---|---|---|---|")
+    print("| photos | path | photos/s | vs today | CPU ms/photo | 1M photos | same captions |")
+    print("|---|---|---|---|---|---|---|")
     for name, files in sets.items():
         paths = {"today's sequential loop": lambda: todays_path(model, files, args.batch_size)}
-        paths.update({f"bulk, --num-workers {w}": (lambda w=w: bulk_path(model, files, args.batch_size, w))
+        paths.update({f"bulk, --num-workers {w}": (lambda w=w: bulk_path(bulk_model, files, args.batch_size, w))
                       for w in args.workers})
         rates: dict[str, float] = {}
+        cpu: dict[str, float] = {}
         captions: dict[str, list[list[str]]] = {}
         for _ in range(args.rounds):
             for label, run in paths.items():
-                started = time.perf_counter()
+                started, cpu_before = time.perf_counter(), cpu_seconds()
                 captions[label] = run()
-                rates[label] = max(rates.get(label, 0.0), len(files) / (time.perf_counter() - started))
+                rate = len(files) / (time.perf_counter() - started)
+                if rate > rates.get(label, 0.0):
+                    rates[label], cpu[label] = rate, (cpu_seconds() - cpu_before) / len(files)
         today, expected = rates["today's sequential loop"], captions["today's sequential loop"]
         for label, rate in rates.items():
             same = "-" if captions[label] is expected else "yes" if captions[label] == expected else "NO"
-            print(f"| {len(files)} {name} | {label} | {rate:.1f} | {rate / today:.2f}x | {1e6 / rate / 3600:.1f} h | "
+            print(f"| {len(files)} {name} | {label} | {rate:.1f} | {rate / today:.2f}x | {cpu[label] * 1000:.1f} | "
+                  f"{1e6 / rate / 3600:.1f} h | "
                   f"{same} |", flush=True)
 
 if __name__ == "__main__":

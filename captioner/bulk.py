@@ -1,7 +1,8 @@
 """Caption a collection: ``captioner caption PATHS... --out captions.jsonl`` and ``captioner merge``.
 
 Images are loaded and preprocessed in DataLoader worker processes (:func:`features.image_batches`, the
-loader of feature extraction) while this process runs one batched encode and decode per batch; the
+loader of feature extraction) while this process runs one batched encode and decode per batch, the
+next batch's encode on a second thread during this one's decode, each stage on half the cores; the
 records of each batch are appended to ``--out`` and flushed before the next batch, so a kill at any
 moment loses at most the batch in flight. ``captioner evaluate`` captions through the same
 :func:`caption_records`.
@@ -36,7 +37,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Protocol
@@ -49,9 +51,10 @@ from .checkpoint import check_writable
 from .decoding import Caption, GenerationConfig
 from .distributed import launched_rank
 from .errors import ConfigError, DataError, OutputError
-from .features import image_batches
+from .features import ImageBatch, image_batches
 from .images import IMAGE_EXTENSIONS
 from .model import Captioner
+from .runtime import stage_threads, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -326,21 +329,44 @@ def caption_records(model: Captioner, files: Sequence[str], config: GenerationCo
 
     Images are loaded in ``num_workers`` processes (0: this one); each batch is encoded once, decoded as
     ``config`` says and, with ``labels``, classified from the same features. Unreadable files get error records.
+    The next batch is encoded on a second thread while this one is decoded, so the CNN's work and the
+    search's overlap (both release the GIL); PyTorch computes on half the cores meanwhile
+    (:func:`stage_threads`), as should ONNX Runtime (``Captioner.from_pretrained(num_threads=)``).
     """
     pin = model.device.type == "cuda"
-    for batch in image_batches(model.encoder, files, batch_size, num_workers, pin_memory=pin):
-        records = {index: {"file": files[index], "error": reason} for index, reason in batch.failures.items()}
-        if batch.pixels is not None:
-            readable = [files[index] for index in batch.indices]
-            records.update(zip(batch.indices, _caption_batch(model, readable, batch.pixels, config, batch_size, labels)))
-        yield [records[index] for index in sorted(records)]
+    with torch_threads(stage_threads()):
+        for batch, features in _encoded_ahead(model, image_batches(model.encoder, files, batch_size, num_workers,
+                                                                   pin_memory=pin)):
+            records = {index: {"file": files[index], "error": reason} for index, reason in batch.failures.items()}
+            if features is not None:
+                readable = [files[index] for index in batch.indices]
+                records.update(zip(batch.indices, _caption_batch(model, readable, features, config, batch_size,
+                                                                 labels)))
+            yield [records[index] for index in sorted(records)]
+
+
+def _encoded_ahead(model: Captioner, batches: Iterable[ImageBatch]) -> Iterator[tuple[ImageBatch, torch.Tensor | None]]:
+    """Each batch with its features, the next batch's being computed on a thread meanwhile (one batch ahead)."""
+
+    @torch.inference_mode()
+    def encode(batch: ImageBatch) -> torch.Tensor | None:
+        return None if batch.pixels is None else model.encode_pixels(batch.pixels)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
+        pending: tuple[ImageBatch, Future] | None = None
+        for batch in batches:
+            submitted = (batch, pool.submit(encode, batch))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = submitted
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 @torch.inference_mode()
-def _caption_batch(model: Captioner, files: list[str], pixels: torch.Tensor, config: GenerationConfig,
+def _caption_batch(model: Captioner, files: list[str], features: torch.Tensor, config: GenerationConfig,
                    batch_size: int, labels: bool) -> list[dict]:
-    """The records of a batch's readable images: one encode, one decode and, with ``labels``, one classification."""
-    features = model.encode_pixels(pixels)
+    """The records of a batch's readable images: one decode and, with ``labels``, one classification."""
     found = model.generate(features, config, batch_size=batch_size)
     tops: list = model.encoder.classify(features, TOP_LABELS) if labels else [None] * len(found)
     return [caption_record(file, captions, top) for file, captions, top in zip(files, found, tops)]

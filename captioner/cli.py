@@ -193,6 +193,7 @@ def _caption_parser(sub) -> None:
 def _caption(args: argparse.Namespace) -> int:
     from .bulk import Shard, caption_files, check_workers, collect_inputs, open_output, rank_device, this_share
     from .model import Captioner
+    from .runtime import stage_threads
 
     options = _decoding_arguments(args)
     shard = Shard.parse(args.shard) if args.shard is not None else Shard()
@@ -200,7 +201,8 @@ def _caption(args: argparse.Namespace) -> int:
     files = this_share(collect_inputs(args.paths, args.files_from), shard)
     writer = open_output(args.out, args.json)
     try:
-        model = Captioner.from_pretrained(args.model, device=rank_device(args.device), engine=args.engine)
+        model = Captioner.from_pretrained(args.model, device=rank_device(args.device), engine=args.engine,
+                                          num_threads=stage_threads())  # see caption_records
         config = model.generation_config.updated(**options)  # bad combinations fail before any work
         summary = caption_files(model, files, writer, config, args.batch_size, num_workers,
                                 labels=args.json or args.out is not None)

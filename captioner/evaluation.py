@@ -12,6 +12,7 @@ from .data import load_captions
 from .errors import ImageError
 from .metrics import ALL_METRICS, score_captions
 from .model import Captioner
+from .runtime import stage_threads
 
 
 def evaluate(images: str | os.PathLike, captions: str | os.PathLike, model: Captioner | str | None = None,
@@ -25,7 +26,7 @@ def evaluate(images: str | os.PathLike, captions: str | os.PathLike, model: Capt
     (:func:`captioner.bulk.caption_records`); one that cannot be read is an :class:`ImageError`.
     """
     if not isinstance(model, Captioner):
-        model = Captioner.from_pretrained(model, device=device, engine=engine)
+        model = Captioner.from_pretrained(model, device=device, engine=engine, num_threads=stage_threads())
     config = model.generation_config.updated(**options)  # bad options fail before the long encoding
     records, _ = load_captions(captions, images, split)
     started = time.perf_counter()

@@ -32,6 +32,7 @@ Inputs = Union[ImageInput, Sequence[ImageInput], torch.Tensor]
 
 MAX_BATCH_SIZE = 4096  # images decoded together; bounds the memory of one step
 LOAD_CHUNK = 64  # images held as pixels at once by encode()
+MAX_THREADS = 1024
 
 
 def check_batch_size(batch_size: object) -> int:
@@ -106,14 +107,19 @@ class Captioner(nn.Module):
     # ---------------------------------------------------------------- loading and saving
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device = "auto",
-                        encoder_weights: str | os.PathLike | None = None, engine: str = "auto") -> "Captioner":
+                        encoder_weights: str | os.PathLike | None = None, engine: str = "auto",
+                        num_threads: int | None = None) -> "Captioner":
         """Load a checkpoint directory; with no ``path``, the bundled model in ``assets/model``.
 
         Pretrained encoder weights are resolved as in training (see :mod:`captioner.encoder`) unless
         the checkpoint carries its own (fine-tuned or user-supplied); ``encoder_weights`` overrides.
         ``engine``: ``"torch"``, ``"onnx"`` (ONNX Runtime on the CPU, from the directory's ONNX export)
         or ``"auto"`` (ONNX Runtime when on the CPU with an export and onnxruntime installed).
+        ``num_threads``: CPU threads of each ONNX Runtime session (default: PyTorch's count); bulk captioning
+        runs two stages at once, each on half the cores (:func:`captioner.runtime.stage_threads`).
         """
+        if num_threads is not None:
+            num_threads = check_value("num_threads", num_threads, "int", (1, MAX_THREADS))
         if path is None:
             path = BUNDLED_MODEL
             if not (path / checkpoint.CONFIG_FILE).is_file():
@@ -146,7 +152,7 @@ class Captioner(nn.Module):
         decoder.load_state_dict({k: v.float() for k, v in weights.items()})
         model = cls(encoder, decoder, vocab, config.generation).to(device)
         if engine == "onnx":
-            model.onnx_runtime = onnx_engine.load_runtime(path, config.encoder, config.decoder)
+            model.onnx_runtime = onnx_engine.load_runtime(path, config.encoder, config.decoder, num_threads)
         return model
 
     @classmethod

@@ -6,6 +6,8 @@ importing the public model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,6 +19,24 @@ _PACKAGE = Path(__file__).resolve().parent
 ASSETS = _PACKAGE / "assets" if (_PACKAGE / "assets").is_dir() else _PACKAGE.parent / "assets"
 BUNDLED_MODEL = ASSETS / "model"
 EXAMPLES_DIR = ASSETS / "examples"
+
+
+def stage_threads() -> int:
+    """CPU threads for each of two stages run at once (bulk captioning encodes one batch while it decodes the
+    previous): half of PyTorch's count. Two stages on all the cores each fight over them: on 2 cores that took
+    26-28 instead of 18-20 ms of CPU time per photo."""
+    return max(1, torch.get_num_threads() // 2)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """PyTorch's CPU thread count set to ``count`` inside the block, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:

@@ -8,15 +8,19 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
-from captioner.bulk import MAX_PATH_BYTES, RECORD_START, JsonlFile, Shard, collect_inputs, merge, read_file_list
+from captioner.bulk import (MAX_PATH_BYTES, RECORD_START, JsonlFile, Shard, caption_records, collect_inputs, merge,
+                            read_file_list)
 from captioner.cli import main
 from captioner.errors import ConfigError, DataError, OutputError
+from captioner.runtime import stage_threads
 from conftest import ROOT
 
 PHOTOS = 40
@@ -188,6 +192,34 @@ def test_records_hold_captions_and_labels_in_input_order(photos, reference):
         assert set(record) == {"file", "captions", "labels"} and record["captions"][0]["text"]
         assert record["captions"][0]["log_prob"] <= 0 and len(record["labels"]) == 5
         assert all(0 <= label["probability"] <= 1 for label in record["labels"])
+
+
+def test_batches_are_encoded_one_ahead_on_half_the_threads(trained_model, synthetic, monkeypatch):
+    """caption_records overlaps the next batch's encode with this one's decode, each stage on half the cores,
+    and gives the records of the plain sequential loop, in order, restoring PyTorch's thread count after."""
+    files = [str(p) for p in sorted((synthetic / "images").glob("*.png"))[:7]]
+    config = trained_model.generation_config
+    expected = [captions[0].text for captions in trained_model.generate(files, config, batch_size=2)]
+    seen_threads, encoded = [], []
+    encode_pixels, generate = trained_model.encode_pixels, trained_model.generate
+
+    def recording_encode(pixels, *args, **kwargs):
+        encoded.append(threading.current_thread().name)
+        return encode_pixels(pixels, *args, **kwargs)
+
+    def recording_generate(*args, **kwargs):
+        seen_threads.append(torch.get_num_threads())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(trained_model, "encode_pixels", recording_encode)
+    monkeypatch.setattr(trained_model, "generate", recording_generate)
+    before = torch.get_num_threads()
+    batches = list(caption_records(trained_model, files, config, batch_size=2, labels=False))
+    assert [len(batch) for batch in batches] == [2, 2, 2, 1]
+    assert [r["captions"][0]["text"] for batch in batches for r in batch] == expected
+    assert [r["file"] for batch in batches for r in batch] == files
+    assert all(name.startswith("encode") for name in encoded) and len(encoded) == 4
+    assert seen_threads == [stage_threads()] * 4 and torch.get_num_threads() == before
 
 
 @pytest.mark.slow

@@ -78,6 +78,17 @@ def test_engine_choice(exported, trained_model, tmp_path):
         Captioner.from_pretrained(exported, engine="tensorrt")
 
 
+def test_sessions_compute_on_the_threads_asked_for(exported):
+    default = Captioner.from_pretrained(exported, device="cpu", engine="onnx")
+    one = Captioner.from_pretrained(exported, device="cpu", engine="onnx", num_threads=1)
+    threads = lambda model: {session.get_session_options().intra_op_num_threads for session in (  # noqa: E731
+        model.onnx_runtime.encoder.session, model.onnx_runtime.decoder.init_session, model.onnx_runtime.decoder.step_session)}
+    assert threads(default) == {torch.get_num_threads()} and threads(one) == {1}
+    for bad in (0, -1, True, 2.0, 5000):
+        with pytest.raises(ConfigError, match="num_threads"):
+            Captioner.from_pretrained(exported, engine="onnx", num_threads=bad)
+
+
 def test_onnx_engine_gives_pytorch_features_and_captions(engines, test_images):
     torch_model, onnx_model = engines
     torch_features, onnx_features = torch_model.encode(test_images), onnx_model.encode(test_images)

@@ -29,7 +29,8 @@ import torch
 from captioner import Captioner
 from captioner.data import load_captions
 from captioner.decoding import Caption
-from captioner.features import FeatureCache, default_cache_dir
+from captioner.features import FeatureCache
+from captioner.runtime import cache_dir
 from captioner.metrics import CiderD, score_captions
 from captioner.vocab import tokenize
 
@@ -65,7 +66,7 @@ def main() -> None:
     parser.add_argument("--captions", required=True, help="COCO-format split to score (val to choose)")
     parser.add_argument("--train-captions", help="training captions: document frequencies for CIDEr-D consensus")
     parser.add_argument("--nbest", type=int, default=5, help="candidates reranked by consensus (default: 5)")
-    parser.add_argument("--feature-cache", default=str(default_cache_dir()))
+    parser.add_argument("--feature-cache", default=str(cache_dir("features")))
     args = parser.parse_args()
 
     members = [Captioner.from_pretrained(path, device="cpu", engine="torch") for path in args.members]

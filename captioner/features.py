@@ -37,11 +37,6 @@ CACHE_FORMAT = 1
 FLUSH_EVERY = 1024  # images per part file: about a minute of CPU encoding, seconds on a GPU
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "captioner" / "features"
-
-
 def cache_key(encoder: Encoder, view: str = "center") -> str:
     """Hash of everything that changes an image's feature vector, except the image itself.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from .checkpoint import check_writable
 from .distributed import Distributed
 from .errors import OutputError
-from .features import default_cache_dir
+from .runtime import cache_dir
 from .train_config import TrainConfig
 
 LOG_FILE, PLOT_FILE, LOCK_FILE = "log.jsonl", "training.png", ".lock"
@@ -33,7 +33,7 @@ def claim_output(config: TrainConfig, dist: Distributed) -> Iterator[None]:
     if dist.is_main:
         folders = {"--out": out}
         if not config.finetune_encoder:
-            folders["--feature-cache"] = Path(config.feature_cache or default_cache_dir())
+            folders["--feature-cache"] = Path(config.feature_cache or cache_dir("features"))
         try:
             for flag, folder in folders.items():
                 check_writable(folder, flag)

@@ -1,11 +1,12 @@
-"""Where things are and what runs them: the bundled assets and the compute device.
+"""Where things are and what runs them: the bundled assets, the caches and the compute device.
 
-A low module, so that the feature cache, distributed training and the app can use both without
-importing the public model.
+A low module, so that the feature cache, the ONNX engine, distributed training and the app can use them
+without importing the public model.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,15 @@ _PACKAGE = Path(__file__).resolve().parent
 ASSETS = _PACKAGE / "assets" if (_PACKAGE / "assets").is_dir() else _PACKAGE.parent / "assets"
 BUNDLED_MODEL = ASSETS / "model"
 EXAMPLES_DIR = ASSETS / "examples"
+
+
+def cache_dir(kind: str) -> Path:
+    """This user's cache of ``kind`` (``"features"``, ``"onnx"``): under ``$CAPTIONER_CACHE_DIR`` if set, else
+    ``$XDG_CACHE_HOME/captioner``, else ``~/.cache/captioner``."""
+    root = os.environ.get("CAPTIONER_CACHE_DIR")
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioner")
+    return Path(root) / kind
 
 
 def stage_threads() -> int:

@@ -13,7 +13,7 @@ from .decoder import DecoderConfig
 from .decoding import GenerationConfig
 from .encoder import BACKBONES, DEFAULT_ENCODER, VIEWS
 from .errors import ConfigError
-from .features import default_cache_dir
+from .runtime import cache_dir
 
 AUGMENTATIONS = {"none": ("center",), "flip": ("center", "flip"), "tencrop": VIEWS}
 
@@ -68,7 +68,7 @@ class TrainConfig:
                              choices=("fp32", "bf16"))
     compile: bool = option(False, "torch.compile the trained modules (for GPUs; compiling takes a while)")
     num_workers: int = option(0, "image-loading worker processes", range=(0, 256))
-    feature_cache: str = option("", f"feature cache folder (default {default_cache_dir()})")
+    feature_cache: str = option("", f"feature cache folder (default {cache_dir('features')})")
     augment: str = option("none", "extra cached views of each training image, one picked at random per caption: "
                            "flip (mirror image) or tencrop (corner crops and mirrors, torchvision's TenCrop)",
                            choices=tuple(AUGMENTATIONS))

@@ -39,10 +39,11 @@ from .decoder import Decoder, DecoderConfig
 from .distributed import Distributed
 from .encoder import Encoder, EncoderWeights
 from .errors import CheckpointError, ConfigError, DataError, OutputError
-from .features import FeatureCache, default_cache_dir, extract_features, file_digests
+from .features import FeatureCache, extract_features, file_digests
 from .metrics import FAST_METRICS, score_captions
 from .model import Captioner
 from .run_folder import LOG_FILE, claim_output, write_log
+from .runtime import cache_dir
 from .scst import SelfCritical, dropout_off, policy_loss
 from .train_config import AUGMENTATIONS, TrainConfig
 from .train_state import Progress
@@ -139,7 +140,7 @@ class Trainer:
         paths, stacked = [r.path for r in records], list[torch.Tensor]()
         digests = file_digests(paths, self.dist.is_main)  # once for all views
         for view in views:
-            cache = FeatureCache(self.config.feature_cache or default_cache_dir(), self.model.encoder, view)
+            cache = FeatureCache(self.config.feature_cache or cache_dir("features"), self.model.encoder, view)
             # the first view finds the images that cannot be decoded; later views get only the others
             features, encoded, unreadable = cache.get(paths, num_workers=self.config.num_workers, device=self.device,
                                                       dist=self.dist, digests=digests,
@@ -353,7 +354,7 @@ class Trainer:
         if self.dist.is_main:
             if improved:
                 self.model.save_pretrained(self.out / "best", extra_files={
-                    "metrics.json": lambda path: checkpoint.write_json(path, entry)})
+                    checkpoint.METRICS_FILE: lambda path: checkpoint.write_json(path, entry)})
             self.model.save_pretrained(self.out / "last", extra_files=state_files)
             try:
                 write_log(self.out, progress.history, config.select_metric)

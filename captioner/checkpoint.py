@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,11 @@ from safetensors.torch import load_file, save_file
 from .errors import CaptionerError, CheckpointError, OutputError
 
 CONFIG_FILE, VOCAB_FILE, MODEL_FILE, ENCODER_FILE = "config.json", "vocab.json", "model.safetensors", "encoder.safetensors"
+# A training run's: resume state in last/ (train_state), the selecting scores in best/.
+TRAINER_FILE, STATE_FILE, METRICS_FILE = "trainer.json", "training_state.safetensors", "metrics.json"
+RUN_FILES = (TRAINER_FILE, STATE_FILE, METRICS_FILE)
+GRAPH_FILES = ("encoder.onnx", "decoder_init.onnx", "decoder_step.onnx")  # for other runtimes; never executed here
+OUR_FILES = frozenset({CONFIG_FILE, VOCAB_FILE, MODEL_FILE, ENCODER_FILE, *RUN_FILES, *GRAPH_FILES})
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".tar"}
 MAX_JSON_BYTES = 64 << 20  # config.json, vocab.json, trainer.json: far above any real one
 MAX_TENSOR_FILE_BYTES = 2 << 30  # a weights file is read whole into memory (float16 doubles on loading)
@@ -54,10 +60,15 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
             for obsolete in path.parent.glob(f".{path.name}.old-*"):  # ours, and any a killed writer left behind
                 shutil.rmtree(obsolete, ignore_errors=True)
     except (OSError, SafetensorError) as exc:
-        reason = getattr(exc, "strerror", None) or exc
-        raise CheckpointError(f"{path}: checkpoint not saved ({reason}); any previous one is kept") from None
+        raise CheckpointError(f"{path}: checkpoint not saved ({_reason(exc)}); any previous one is kept") from None
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _reason(exc: Exception) -> str:
+    """The operating system's words for a failed write; safetensors wraps them as ``... (os error 28)``."""
+    code = getattr(exc, "errno", None) or next(map(int, re.findall(r"os error (\d+)", str(exc))), None)
+    return os.strerror(code) if code else str(exc)
 
 
 def remove_dead_writers(folder: Path, pattern: str) -> None:
@@ -126,6 +137,29 @@ def check_directory(path: str | os.PathLike[str]) -> Path:
     for name in (CONFIG_FILE, VOCAB_FILE, MODEL_FILE):
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: not a captioner checkpoint ({name} is missing)")
+    return path
+
+
+def check_replaceable(path: str | os.PathLike[str]) -> Path:
+    """``path``, if a checkpoint may be saved there: missing, an empty folder, or a checkpoint of ours.
+
+    A save replaces the whole folder, so anything else (a file, a link, a folder holding other files or
+    folders, a checkpoint's parent) is refused with :class:`OutputError` before anything is touched.
+    """
+    path = recover(path)
+    if path.is_symlink():
+        raise OutputError(f"{path}: is a symbolic link; give the checkpoint folder itself")
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise OutputError(f"{path}: is a file, not a checkpoint folder; refusing to replace it")
+    entries = list(path.iterdir())
+    foreign = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in entries
+                     if entry.name not in OUR_FILES or entry.is_symlink() or not entry.is_file())
+    if foreign or (entries and not (path / CONFIG_FILE).is_file()):
+        held = f"holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}" if foreign else "no config.json"
+        raise OutputError(f"{path}: not a captioner checkpoint ({held}); refusing to replace it, "
+                          "choose a new or empty folder")
     return path
 
 

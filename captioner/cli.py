@@ -8,9 +8,12 @@ that cannot be captioned is reported and skipped, and the exit status is 1 at th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -121,8 +124,8 @@ def _engine_option(parser: argparse.ArgumentParser) -> None:
     from .onnx_engine import ENGINES
 
     parser.add_argument("--engine", default="auto", choices=ENGINES,
-                        help="run the model with ONNX Runtime (CPU, needs the model's ONNX export) or PyTorch; "
-                             "auto: ONNX Runtime when on the CPU and exported (default: auto)")
+                        help="run the model with ONNX Runtime (CPU only; graphs exported from the weights on first use "
+                             "and cached) or PyTorch; auto: ONNX Runtime on the CPU (default: auto)")
 
 
 def _decoding_options(parser: argparse.ArgumentParser) -> None:
@@ -276,49 +279,69 @@ def _export_parser(sub) -> None:
                                            "into an ensemble", parents=[_common()])
     parser.add_argument("model", nargs="+", help="checkpoint directory to read (e.g. runs/x/best); several make an "
                                                  "ensemble averaging their decoders (same encoder and vocabulary)")
-    parser.add_argument("out", help="directory to write (replaced atomically); with --format onnx it may be MODEL "
-                                    "itself, to add the ONNX graphs beside its files")
+    parser.add_argument("out", help="directory to write: new, empty or a checkpoint (replaced atomically, anything "
+                                    "else is refused); with --format onnx it may be MODEL itself, to add the ONNX "
+                                    "graphs beside its files")
     parser.add_argument("--half-precision", action="store_true", help="store decoder weights as float16 (half size)")
     parser.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
-                        help="onnx: also write encoder.onnx, decoder_init.onnx and decoder_step.onnx for ONNX "
-                             "Runtime (default: safetensors only)")
+                        help="onnx: also write encoder.onnx, decoder_init.onnx and decoder_step.onnx, for ONNX "
+                             "Runtime elsewhere; this package's ONNX engine never runs graph files from a checkpoint "
+                             "(default: safetensors only)")
     group = parser.add_argument_group("default decoding stored in the copy (unchanged unless given)")
     add_dataclass_options(group, GenerationConfig, default_note="unchanged")
     parser.set_defaults(handler=_export)
 
 
 def _export(args: argparse.Namespace) -> int:
+    """Load, optionally join, and save once: the weights, the decoding defaults and any ONNX graphs are
+    written as one set into a folder swapped in whole, so a failed export leaves OUT as it was."""
+    import torch
     from safetensors import safe_open
 
+    from . import checkpoint
     from .decoder import MAX_MEMBERS
     from .decoding import GenerationConfig
     from .model import Captioner
-    from .onnx_engine import export_onnx
+    from .onnx_engine import export_graphs
 
     options = explicit_options(args, GenerationConfig)
     if len(args.model) > MAX_MEMBERS:
         raise ConfigError(f"an ensemble holds at most {MAX_MEMBERS} decoders, not {len(args.model)}")
+    out = checkpoint.check_replaceable(args.out)
+    in_place = out.resolve() in {Path(path).resolve() for path in args.model}
+    if in_place and (args.format != "onnx" or options or args.half_precision or len(args.model) > 1):
+        raise ConfigError("OUT may be MODEL only to add ONNX graphs (one MODEL, --format onnx, no other options)")
     models = [Captioner.from_pretrained(path, device="cpu", engine="torch") for path in args.model]
     model = models[0] if len(models) == 1 else Captioner.ensemble(models)
-    out = Path(args.out)
-    if out.resolve() not in {Path(path).resolve() for path in args.model}:
-        model.generation_config = model.generation_config.updated(**options)
-        for path in args.model:
-            with safe_open(str(Path(path) / "model.safetensors"), "pt") as weights:
-                stored_half = any(weights.get_slice(name).get_dtype() == "F16" for name in weights.keys())
-            if stored_half and not args.half_precision:
-                log.warning("%s stores float16 weights; the copy is float32 (twice the size) unless --half-precision",
-                            path)
-        out = model.save_pretrained(out, half_precision=args.half_precision)
-        if args.format == "onnx":  # the graphs must hold exactly the weights saved (float16-rounded, say)
-            model = Captioner.from_pretrained(out, device="cpu", engine="torch")
-    elif args.format != "onnx" or options or args.half_precision or len(models) > 1:
-        raise ConfigError("OUT may be MODEL only to add ONNX graphs (one MODEL, --format onnx, no other options)")
+    model.generation_config = model.generation_config.updated(**options)
+    stored_half = []
+    for path in args.model:
+        with safe_open(str(Path(path) / checkpoint.MODEL_FILE), "pt") as weights:
+            stored_half.append(any(weights.get_slice(name).get_dtype() == "F16" for name in weights.keys()))
+    half = args.half_precision or (in_place and stored_half[0])
+    for path, is_half in zip(args.model, stored_half):
+        if is_half and not half:
+            log.warning("%s stores float16 weights; the copy is float32 (twice the size) unless --half-precision",
+                        path)
+    if half:  # the graphs must compute exactly the weights saved
+        with torch.no_grad():
+            for tensor in model.decoder.state_dict().values():
+                tensor.copy_(tensor.half().float())
+    files: dict[str, Callable[[Path], None]] = {}
     if args.format == "onnx":
-        export_onnx(model.encoder, model.decoder, out)
-    size = sum(p.stat().st_size for p in Path(out).iterdir()) / 1e6
+        files = {name: functools.partial(_write_bytes, data=data)
+                 for name, data in export_graphs(model.encoder, model.decoder).items()}
+    if in_place:  # a run's training state and scores stay beside its weights
+        files.update({name: functools.partial(shutil.copyfile, out / name) for name in checkpoint.RUN_FILES
+                      if (out / name).is_file()})
+    model.save_pretrained(out, half_precision=half, extra_files=files)
+    size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
     print(f"{out}: {size:.1f} MB, default decoding {model.generation_config.to_dict()}")
     return 0
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
 
 
 # ---------------------------------------------------------------------------------------- demo

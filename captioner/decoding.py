@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .decoder import Decoder, DecoderEnsemble, State, StepDecoder
 from .bounds import check_fields, option
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,6 @@ def constrain(log_probs: torch.Tensor, history: torch.Tensor, step: int, config:
 def step_unfinished(decoder: StepDecoder, tokens: torch.Tensor, state: State,
                     done: torch.Tensor) -> tuple[torch.Tensor, State]:
     """``decoder.step`` computed for the rows not ``done`` only; finished rows get zeros and keep their state.
-
     A finished row's outputs are never read (it only extends with ``<pad>``), yet in a batch most rows
     finish well before the longest caption: skipping them saved about a third of the decoder's work for
     32 COCO photos at beam 3 (``benchmarks/bulk_caption.py``).
@@ -183,6 +182,15 @@ def step_unfinished(decoder: StepDecoder, tokens: torch.Tensor, state: State,
     all_h, all_c = state[0].clone(), state[1].clone()
     all_h[:, live], all_c[:, live] = h, c
     return all_logits, (all_h, all_c)
+
+
+def next_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax of a step's logits; NaN (from NaN or overflowing logits: finite but huge weights) is a
+    :class:`CheckpointError`, since no caption can be ranked by it and a NaN log-probability is not valid JSON."""
+    log_probs = F.log_softmax(logits.float(), -1)
+    if torch.isnan(log_probs).any():
+        raise CheckpointError("the decoder's next-word scores are NaN or infinite; its weights are unusable")
+    return log_probs
 
 
 def sample_or_greedy(decoder: StepDecoder, features: torch.Tensor, config: GenerationConfig) -> Hypotheses:
@@ -200,7 +208,7 @@ def sample_or_greedy(decoder: StepDecoder, features: torch.Tensor, config: Gener
     chosen_lps: list[torch.Tensor] = []
     for step in range(config.max_length + 1):
         logits, state = step_unfinished(decoder, tokens, state, done)
-        log_probs = F.log_softmax(logits.float(), -1)
+        log_probs = next_log_probs(logits)
         allowed = constrain(log_probs.clone(), _stack(history, tokens), step, config)
         if config.strategy == "greedy":
             tokens = allowed.argmax(-1)
@@ -259,7 +267,7 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, config: Generation
     offsets = (torch.arange(batch, device=device) * beams)[:, None]
     for step in range(config.max_length + 1):
         logits, state = step_unfinished(decoder, tokens, state, done)
-        log_probs = F.log_softmax(logits.float(), -1)
+        log_probs = next_log_probs(logits)
         candidates = constrain(log_probs.clone(), history, step, config)
         candidates[done] = float("-inf")
         candidates[done, PAD_ID] = 0.0
@@ -289,6 +297,6 @@ def sequence_log_probs(decoder: Decoder | DecoderEnsemble, features: torch.Tenso
                        lengths: torch.Tensor) -> torch.Tensor:
     """Teacher-forced log-likelihood of each caption (words plus ``<end>``): ``(B,)``."""
     logits = decoder(features, tokens, lengths)
-    log_probs = F.log_softmax(logits.float(), -1).gather(2, tokens[:, 1:, None])[:, :, 0]
+    log_probs = next_log_probs(logits).gather(2, tokens[:, 1:, None])[:, :, 0]
     mask = tokens[:, 1:] != PAD_ID
     return (log_probs * mask).sum(1)

@@ -7,6 +7,7 @@ or those features, so a photo never goes through the CNN twice.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -33,6 +34,7 @@ Inputs = Union[ImageInput, Sequence[ImageInput], torch.Tensor]
 MAX_BATCH_SIZE = 4096  # images decoded together; bounds the memory of one step
 LOAD_CHUNK = 64  # images held as pixels at once by encode()
 MAX_THREADS = 1024
+log = logging.getLogger(__name__)
 
 
 def check_batch_size(batch_size: object) -> int:
@@ -91,6 +93,11 @@ class Captioner(nn.Module):
         self.onnx_runtime: onnx_engine.OnnxRuntime | None = None  # set: encode/generate run on ONNX Runtime
         self.eval()
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the ONNX Runtime sessions behind and run on PyTorch: the sessions compute a
+        snapshot of these weights, which a copy is free to change."""
+        return {**super().__getstate__(), "onnx_runtime": None}
+
     @property
     def config(self) -> CaptionerConfig:
         return CaptionerConfig(self.encoder.config, self.decoder.config, self.generation_config)
@@ -113,8 +120,9 @@ class Captioner(nn.Module):
 
         Pretrained encoder weights are resolved as in training (see :mod:`captioner.encoder`) unless
         the checkpoint carries its own (fine-tuned or user-supplied); ``encoder_weights`` overrides.
-        ``engine``: ``"torch"``, ``"onnx"`` (ONNX Runtime on the CPU, from the directory's ONNX export)
-        or ``"auto"`` (ONNX Runtime when on the CPU with an export and onnxruntime installed).
+        ``engine``: ``"torch"``, ``"onnx"`` (ONNX Runtime on the CPU) or ``"auto"`` (ONNX Runtime when on
+        the CPU and onnxruntime is installed). The ONNX engine runs graphs it exports itself from the loaded
+        weights (cached per user, see :mod:`captioner.onnx_engine`), never graph files found in ``path``.
         ``num_threads``: CPU threads of each ONNX Runtime session (default: PyTorch's count); bulk captioning
         runs two stages at once, each on half the cores (:func:`captioner.runtime.stage_threads`).
         """
@@ -134,7 +142,7 @@ class Captioner(nn.Module):
         checkpoint.check_shapes(checkpoint.tensor_shapes(weights_file), config.decoder.weight_shapes(),
                                 f"{path}: weights do not match config.json")
         device = pick_device("cpu" if engine == "onnx" and str(device) == "auto" else device)
-        engine = onnx_engine.resolve_engine(engine, path, device, custom_encoder=encoder_weights is not None)
+        requested, engine = engine, onnx_engine.resolve_engine(engine, device)
         stored = path / checkpoint.ENCODER_FILE
         if encoder_weights is not None:
             state, _, source = resolve_weights(config.encoder.name, encoder_weights)
@@ -152,7 +160,12 @@ class Captioner(nn.Module):
         decoder.load_state_dict({k: v.float() for k, v in weights.items()})
         model = cls(encoder, decoder, vocab, config.generation).to(device)
         if engine == "onnx":
-            model.onnx_runtime = onnx_engine.load_runtime(path, config.encoder, config.decoder, num_threads)
+            try:
+                model.onnx_runtime = onnx_engine.load_runtime(model.encoder, model.decoder, num_threads)
+            except CheckpointError as exc:
+                if requested == "onnx":
+                    raise
+                log.warning("%s: ONNX Runtime engine unavailable (%s); running on PyTorch", path, exc)
         return model
 
     @classmethod
@@ -182,11 +195,13 @@ class Captioner(nn.Module):
                         extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
         """Write a checkpoint directory atomically (config, vocab, safetensors weights).
 
+        ``path`` must be missing, empty or a checkpoint of ours (:func:`captioner.checkpoint.check_replaceable`):
+        the save replaces the whole folder, so a folder of anything else is refused untouched.
         Encoder weights are stored only when they cannot be fetched again: fine-tuned, random or from
         a user's file. ``half_precision`` stores decoder weights as float16 (half the size).
         ``extra_files`` maps file names to ``writer(path)`` callables (training state).
         """
-        with checkpoint.atomic_directory(path) as directory:
+        with checkpoint.atomic_directory(checkpoint.check_replaceable(path)) as directory:
             checkpoint.write_json(directory / checkpoint.CONFIG_FILE, self.config.to_dict())
             self.vocab.save(directory / checkpoint.VOCAB_FILE)
             weights = self.decoder.state_dict()

@@ -1,18 +1,19 @@
 """ONNX export, and ONNX Runtime sessions that stand in for the encoder and decoder at inference.
 
-The export writes three graphs into a checkpoint directory, batch/row axes dynamic:
-``encoder.onnx`` (pixels -> pooled features), ``decoder_init.onnx`` (features -> LSTM state) and
-``decoder_step.onnx`` (previous tokens, state -> next-token logits, state). At run time
-:class:`OnnxEncoder` and :class:`OnnxDecoder` answer the calls inference makes of :class:`Encoder` and
-:class:`Decoder` (``encoder(pixels)``, ``decoder.init_state``, ``decoder.step``) with torch tensors, so
-the one batched search in :mod:`captioner.decoding` drives either engine. On a CPU this is several
-times faster than eager PyTorch: a beam-search step is a few small matmuls, where PyTorch's per-op
-overhead dominates.
+The export makes three graphs, batch/row axes dynamic: ``encoder.onnx`` (pixels -> pooled features),
+``decoder_init.onnx`` (features -> LSTM state) and ``decoder_step.onnx`` (previous tokens, state ->
+next-token logits, state). At run time :class:`OnnxEncoder` and :class:`OnnxDecoder` answer the calls
+inference makes of :class:`Encoder` and :class:`Decoder` (``encoder(pixels)``, ``decoder.init_state``,
+``decoder.step``) with torch tensors, so the one batched search in :mod:`captioner.decoding` drives either
+engine. On a CPU this is faster than eager PyTorch: a beam-search step is a few small matmuls, where
+PyTorch's per-op overhead dominates.
 
-A checkpoint directory is untrusted input: only these fixed file names inside it are read, graphs
-with external data are refused, every input and output must have the expected name, type and shape,
-and the graphs must carry the fingerprint of the weights beside them (so stale graphs cannot
-silently caption with other weights than ``model.safetensors``).
+The engine runs only graphs this module exported itself, from weights already loaded and checked. A
+graph is a program: one from outside could read local files through external data, loop forever or
+ignore the weights beside it, and no check of its contents proves otherwise. So graph files inside a
+checkpoint directory are never executed (``captioner export --format onnx`` writes them for other
+runtimes); the engine's own graphs live in a per-user cache keyed by the fingerprint of the weights
+they compute, written atomically and bounded in size, so the export costs seconds once per model.
 """
 
 from __future__ import annotations
@@ -20,9 +21,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import io
 import json
+import logging
 import os
+import shutil
+import stat
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,16 +42,21 @@ from . import checkpoint
 from .decoder import Decoder, DecoderConfig, DecoderEnsemble, State, average_probabilities, lstm_cell
 from .encoder import Encoder, EncoderConfig
 from .errors import CheckpointError, ConfigError
+from .runtime import cache_dir
 from .vocab import START_ID
 
-ENCODER_ONNX, DECODER_INIT_ONNX, DECODER_STEP_ONNX = "encoder.onnx", "decoder_init.onnx", "decoder_step.onnx"
-ONNX_FILES = (ENCODER_ONNX, DECODER_INIT_ONNX, DECODER_STEP_ONNX)
+ONNX_FILES = checkpoint.GRAPH_FILES
+ENCODER_ONNX, DECODER_INIT_ONNX, DECODER_STEP_ONNX = ONNX_FILES
 ENGINES = ("auto", "onnx", "torch")
 ENGINE_NAMES = {"onnx": "ONNX Runtime", "torch": "PyTorch"}
 FINGERPRINT_KEY = "captioner_weights_sha256"
+EXPORT_VERSION = 1  # part of the fingerprint: raise it when the export code changes, so cached graphs are redone
 OPSET = 17
 TOLERANCE = 1e-3  # export check: largest difference allowed between PyTorch's and ONNX Runtime's outputs
-
+MAX_GRAPH_BYTES = 2 << 30  # protobuf's own limit for one model
+MAX_CACHE_BYTES = 4 << 30  # the graph cache; the least recently used models go first
+log = logging.getLogger(__name__)
+_EXPORTING = threading.Lock()  # torch.onnx.export keeps global state: one export at a time in a process
 
 class OnnxEncoder:
     """``encoder(pixels)`` through an ONNX Runtime session: ``(B, 3, H, W)`` -> ``(B, feature_size)``."""
@@ -142,27 +154,35 @@ def signatures(encoder: EncoderConfig, decoder: DecoderConfig) -> dict[str, tupl
     }
 
 
-def weights_fingerprint(directory: Path) -> str:
-    """SHA-256 of the weights and model configuration in a checkpoint (not its decoding defaults)."""
-    config = checkpoint.read_json(directory / checkpoint.CONFIG_FILE)
-    digest = hashlib.sha256(json.dumps([config.get("encoder"), config.get("decoder")], sort_keys=True).encode())
-    for name in (checkpoint.MODEL_FILE, checkpoint.ENCODER_FILE):
-        if (directory / name).is_file():
-            digest.update(name.encode() + (directory / name).read_bytes())
+def weights_fingerprint(encoder: Encoder, decoder: Decoder | DecoderEnsemble) -> str:
+    """SHA-256 of what the graphs compute: both configurations and every weight as the export reads it."""
+    digest = hashlib.sha256(json.dumps([EXPORT_VERSION, encoder.config.to_dict(), decoder.config.to_dict()],
+                                       sort_keys=True).encode())
+    for prefix, module in (("encoder.", encoder), ("decoder.", decoder)):
+        for name, tensor in sorted(module.state_dict().items()):
+            tensor = tensor.detach().cpu()
+            tensor = tensor.float() if tensor.is_floating_point() else tensor
+            digest.update(f"{prefix}{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
 @torch.no_grad()
-def export_onnx(encoder: Encoder, decoder: Decoder | DecoderEnsemble, directory: str | os.PathLike) -> list[Path]:
-    """Write the three graphs into ``directory``, a checkpoint holding these same weights.
+def export_graphs(encoder: Encoder, decoder: Decoder | DecoderEnsemble) -> dict[str, bytes]:
+    """The three graphs of these weights, each checked before it is returned.
 
-    Each graph is checked with ``onnx.checker`` and its outputs compared with PyTorch's on random
-    inputs before it replaces any previous file (written under a temporary name, then renamed).
+    Each passes ``onnx.checker`` and its ONNX Runtime outputs are compared with PyTorch's on random
+    inputs; each carries the weights' fingerprint in its metadata, so a deployment can tell which
+    weights a graph belongs to.
     """
+    with _EXPORTING:
+        return _export_graphs(encoder, decoder)
+
+
+def _export_graphs(encoder: Encoder, decoder: Decoder | DecoderEnsemble) -> dict[str, bytes]:
     import onnx
 
-    directory = Path(directory)
-    fingerprint = weights_fingerprint(directory)
+    fingerprint = weights_fingerprint(encoder, decoder)
     encoder, decoder = copy.deepcopy(encoder).cpu().float(), copy.deepcopy(decoder).cpu().float()
     generator = torch.Generator().manual_seed(0)
     crop, config = encoder.config.preprocessing.crop_size, decoder.config
@@ -172,111 +192,191 @@ def export_onnx(encoder: Encoder, decoder: Decoder | DecoderEnsemble, directory:
         DECODER_INIT_ONNX: (_DecoderInit(decoder).eval(), (torch.randn(2, config.feature_size, generator=generator),)),
         DECODER_STEP_ONNX: (_DecoderStep(decoder).eval(), (torch.tensor([START_ID, 4]), state, state.clone())),
     }
-    written = []
+    exported = {}
     for name, (inputs, outputs) in signatures(encoder.config, config).items():
         module, arguments = graphs[name]
         axes = {key: {i: size for i, size in enumerate(shape) if isinstance(size, str)}
                 for key, (_, shape) in {**inputs, **outputs}.items()}
-        temporary = directory / f".{name}.tmp-{os.getpid()}"
-        try:
-            with warnings.catch_warnings():  # tracer and deprecation notices; the outputs are checked below
-                warnings.simplefilter("ignore")
-                torch.onnx.export(module, arguments, str(temporary), input_names=list(inputs),
-                                  output_names=list(outputs), dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-            graph = onnx.load(str(temporary))
-            graph.metadata_props.add(key=FINGERPRINT_KEY, value=fingerprint)
-            onnx.checker.check_model(graph, full_check=True)
-            onnx.save(graph, str(temporary))
-            expected = module(*arguments)
-            expected = expected if isinstance(expected, tuple) else (expected,)
-            got = _run(_session(temporary.read_bytes(), temporary), **dict(zip(inputs, arguments)))
-            difference = max((a - b).abs().max().item() for a, b in zip(expected, got))
-            if difference > TOLERANCE:
-                raise RuntimeError(f"{name}: ONNX Runtime differs from PyTorch by {difference:.2g}")
-            os.replace(temporary, directory / name)
-        finally:
-            temporary.unlink(missing_ok=True)
-        written.append(directory / name)
-    return written
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():  # tracer and deprecation notices; the outputs are checked below
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, arguments, buffer, input_names=list(inputs), output_names=list(outputs),  # type: ignore[arg-type]  # the TorchScript exporter writes to file objects too
+                              dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+        graph = onnx.load_model_from_string(buffer.getvalue())
+        graph.metadata_props.add(key=FINGERPRINT_KEY, value=fingerprint)
+        onnx.checker.check_model(graph, full_check=True)
+        data = graph.SerializeToString()
+        expected = module(*arguments)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        got = _run(_session(data, name), **dict(zip(inputs, arguments)))
+        difference = max((a - b).abs().max().item() for a, b in zip(expected, got))
+        if not difference <= TOLERANCE:  # NaN too
+            raise CheckpointError(f"{name}: ONNX Runtime differs from PyTorch by {difference:.2g}; use engine 'torch'")
+        exported[name] = data
+    return exported
 
 
 # ---------------------------------------------------------------------------------------- loading
 def runtime_installed() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
-def has_onnx_files(directory: Path) -> bool:
-    """Whether the checkpoint holds an ONNX export; part of one is an error, not a silent fallback."""
-    present = [name for name in ONNX_FILES if (directory / name).exists()]
-    if present and len(present) < len(ONNX_FILES):
-        missing = sorted(set(ONNX_FILES) - set(present))
-        raise CheckpointError(f"{directory}: incomplete ONNX export ({', '.join(missing)} missing)")
-    return bool(present)
-
-
-def resolve_engine(engine: str, directory: Path, device: torch.device, custom_encoder: bool = False) -> str:
-    """``"onnx"`` or ``"torch"``: ``"auto"`` picks ONNX Runtime on the CPU when the export and package are there."""
+def resolve_engine(engine: str, device: torch.device) -> str:
+    """``"onnx"`` or ``"torch"``: ``"auto"`` picks ONNX Runtime on the CPU when onnx and onnxruntime are installed."""
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if engine == "torch":
         return "torch"
     if engine == "auto":
-        usable = device.type == "cpu" and not custom_encoder and runtime_installed()
-        return "onnx" if usable and has_onnx_files(directory) else "torch"
+        return "onnx" if device.type == "cpu" and runtime_installed() else "torch"
     if device.type != "cpu":
         raise ConfigError(f"the ONNX engine runs on the CPU, not {device.type}; use engine 'torch' there")
-    if custom_encoder:
-        raise ConfigError("encoder weights cannot be overridden with the ONNX engine (the export holds its own)")
     if not runtime_installed():
-        raise ConfigError("the ONNX engine needs onnxruntime (pip install onnxruntime)")
-    if not has_onnx_files(directory):
-        raise CheckpointError(f"{directory}: no ONNX export; write one with "
-                              f"`captioner export {directory} {directory} --format onnx`")
+        raise ConfigError("the ONNX engine needs onnx and onnxruntime (pip install onnx onnxruntime)")
     return "onnx"
 
 
-def load_runtime(directory: Path, encoder: EncoderConfig, decoder: DecoderConfig,
-                 num_threads: int | None = None) -> OnnxRuntime:
-    """ONNX Runtime sessions for a checkpoint's three graphs, each checked against what inference expects.
+def load_runtime(encoder: Encoder, decoder: Decoder | DecoderEnsemble, num_threads: int | None = None,
+                 cache: Path | None = None) -> OnnxRuntime:
+    """ONNX Runtime sessions computing these modules: graphs from the cache, exported into it on first use.
 
     Each session computes on ``num_threads`` CPU threads (default: PyTorch's count, the physical cores).
+    A cache that cannot be written (read-only, full, not private) costs an export per load, never a failure.
     """
-    fingerprint = weights_fingerprint(directory)
+    folder = cache or cache_dir("onnx")
+    fingerprint = weights_fingerprint(encoder, decoder)
+    wanted = signatures(encoder.config, decoder.config)
+    graphs = _cached_graphs(folder, fingerprint)
+    if graphs is None:
+        graphs = export_graphs(encoder, decoder)
+        _store(folder, fingerprint, graphs)
     sessions = {}
-    for name, (inputs, outputs) in signatures(encoder, decoder).items():
-        path = directory / name
-        if path.is_symlink() or not path.is_file():
-            raise CheckpointError(f"{path}: not a regular file")
-        session = _session(_checked_model(path, fingerprint), path, num_threads)
-        for kind, wanted, found in (("input", inputs, session.get_inputs()), ("output", outputs, session.get_outputs())):
+    for name, (inputs, outputs) in wanted.items():
+        session = _session(graphs[name], name, num_threads)
+        for kind, want, found in (("input", inputs, session.get_inputs()), ("output", outputs, session.get_outputs())):
             got = {arg.name: (arg.type, _axes(arg.shape)) for arg in found}
-            want = {key: (dtype, _axes(shape)) for key, (dtype, shape) in wanted.items()}
-            if got != want:
-                raise CheckpointError(f"{path}: {kind}s are {_describe(got)}, expected {_describe(want)}")
+            expected = {key: (dtype, _axes(shape)) for key, (dtype, shape) in want.items()}
+            if got != expected:  # the export's own mistake, not the user's
+                raise RuntimeError(f"{name}: {kind}s are {_describe(got)}, expected {_describe(expected)}")
         sessions[name] = session
     return OnnxRuntime(OnnxEncoder(sessions[ENCODER_ONNX]),
                        OnnxDecoder(sessions[DECODER_INIT_ONNX], sessions[DECODER_STEP_ONNX]))
 
 
-def _checked_model(path: Path, fingerprint: str) -> bytes:
-    """The graph's bytes, if it is self-contained and was exported from the weights beside it."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
+# ---------------------------------------------------------------------------------------- the graph cache
+def _private(folder: Path) -> bool:
+    """Create ``folder`` (mode 0700); whether it is a real folder of this user that nobody else can write."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError as exc:
+        log.warning("ONNX graph cache %s unusable (%s); exporting the graphs again at every load", folder,
+                    exc.strerror or exc)
+        return False
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        log.warning("ONNX graph cache %s is not a private folder of this user; exporting the graphs again at "
+                    "every load (chmod 700 it, or set CAPTIONER_CACHE_DIR)", folder)
+        return False
+    return True
 
-    data = path.read_bytes()
+
+def _cached_graphs(folder: Path, fingerprint: str) -> dict[str, bytes] | None:
+    """The graphs cached for ``fingerprint``, or ``None`` when missing, incomplete or not as this module wrote them."""
+    entry = folder / fingerprint
+    if not _private(folder) or not entry.is_dir():
+        return None
+    graphs = {}
+    for name in ONNX_FILES:
+        data = _read_graph(entry / name)
+        if data is None or _fingerprint_of(data) != fingerprint:
+            log.info("ONNX graph cache %s: %s missing or damaged; exporting it again", entry, name)
+            return None
+        graphs[name] = data
+    os.utime(entry)  # recently used: evicted last
+    return graphs
+
+
+def _read_graph(path: Path) -> bytes | None:
+    """A regular file's bytes (not a link, at most ``MAX_GRAPH_BYTES``), or ``None``."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_GRAPH_BYTES:
+            return None
+        with os.fdopen(os.dup(descriptor), "rb") as handle:
+            return handle.read(MAX_GRAPH_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)
+
+
+def _fingerprint_of(data: bytes) -> str | None:
+    """The fingerprint a self-contained graph carries; ``None`` for anything else (garbage, external data)."""
+    import onnx
+
     try:
         graph = onnx.load_model_from_string(data)
-    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-turned-errors and more
-        raise CheckpointError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
-    if any(uses_external_data(tensor) for tensor in graph.graph.initializer):
-        raise CheckpointError(f"{path}: graphs with external data files are not loaded")
-    stored = {prop.key: prop.value for prop in graph.metadata_props}.get(FINGERPRINT_KEY)
-    if stored != fingerprint:
-        raise CheckpointError(f"{path}: exported from other weights than this checkpoint's; export it again")
-    return data
+        if _uses_external_data(graph):
+            return None
+    except Exception:  # protobuf raises DecodeError, RuntimeWarning-turned-errors, RecursionError and more
+        return None
+    return {prop.key: prop.value for prop in graph.metadata_props}.get(FINGERPRINT_KEY)
 
 
-def _session(model: bytes, source: Path, num_threads: int | None = None):
+def _uses_external_data(message) -> bool:
+    """Whether any tensor anywhere in ``message`` (initializers, constants, attributes, subgraphs, functions,
+    sparse tensors) points at another file: the message's every field is walked, not a list of known places."""
+    import onnx
+
+    if isinstance(message, onnx.TensorProto) and (message.data_location == onnx.TensorProto.EXTERNAL
+                                                  or len(message.external_data)):
+        return True
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_MESSAGE:
+            if any(_uses_external_data(item) for item in (value if field.is_repeated else [value])):
+                return True
+    return False
+
+
+def _store(folder: Path, fingerprint: str, graphs: dict[str, bytes]) -> None:
+    """Put ``graphs`` in the cache as one entry (swapped in whole), then evict beyond ``MAX_CACHE_BYTES``."""
+    if not _private(folder):
+        return
+    try:
+        with checkpoint.atomic_directory(folder / fingerprint) as entry:
+            for name, data in graphs.items():
+                (entry / name).write_bytes(data)
+    except CheckpointError as exc:
+        log.warning("ONNX graph cache: %s; exporting the graphs again at the next load", exc)
+        return
+    _evict(folder, keep=folder / fingerprint)
+
+
+def _evict(folder: Path, keep: Path) -> None:
+    """Delete the least recently used entries until the rest fit in ``MAX_CACHE_BYTES`` (``keep`` stays)."""
+    total = 0
+    for modified, size, entry in sorted(_entries(folder), reverse=True):
+        total += size
+        if total > MAX_CACHE_BYTES and entry != keep:
+            shutil.rmtree(entry, ignore_errors=True)
+            (folder / f".{entry.name}.lock").unlink(missing_ok=True)
+
+
+def _entries(folder: Path) -> Iterator[tuple[float, int, Path]]:
+    """``(last used, bytes, path)`` of each cache entry; another process may be evicting some meanwhile."""
+    for entry in folder.iterdir():
+        if len(entry.name) == 64 and all(c in "0123456789abcdef" for c in entry.name):
+            try:
+                yield entry.stat().st_mtime, sum(file.stat().st_size for file in entry.iterdir()), entry
+            except OSError:
+                continue
+
+
+def _session(model: bytes, name: str, num_threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -288,7 +388,7 @@ def _session(model: bytes, source: Path, num_threads: int | None = None):
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's errors have no common public base class
-        raise CheckpointError(f"{source}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{name}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
 
 
 def _axes(shape: list) -> list:

@@ -23,7 +23,7 @@ from .distributed import Distributed
 from .errors import CheckpointError, ConfigError
 from .train_config import TrainConfig
 
-TRAINER_FILE, STATE_FILE = "trainer.json", "training_state.safetensors"
+TRAINER_FILE, STATE_FILE = checkpoint.TRAINER_FILE, checkpoint.STATE_FILE
 _PROGRESS_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str}
 
 

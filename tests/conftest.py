@@ -35,6 +35,15 @@ def need(condition: bool, reason: str) -> None:
         pytest.skip(reason)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory) -> Path:
+    """The caches (the ONNX engine's graphs above all) in a folder of this test session, not the user's: every
+    run exports afresh, and processes the tests start inherit it."""
+    folder = tmp_path_factory.mktemp("cache")
+    os.environ["CAPTIONER_CACHE_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     path = find_shared_data()
@@ -105,7 +114,7 @@ def trained_run(synthetic, feature_cache, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_model(trained_run):
-    """The best model of ``trained_run``."""
+    """The best model of ``trained_run``, on PyTorch (tests change copies of its weights)."""
     from captioner import Captioner
 
-    return Captioner.from_pretrained(trained_run / "best", device="cpu")
+    return Captioner.from_pretrained(trained_run / "best", device="cpu", engine="torch")

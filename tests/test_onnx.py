@@ -1,21 +1,26 @@
-"""ONNX export and the ONNX Runtime engine: the same captions as PyTorch, from an untrusted directory safely."""
+"""ONNX export and the ONNX Runtime engine: the same captions as PyTorch; graphs from outside never run."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
 
-from captioner import Captioner
+from captioner import Captioner, onnx_engine
 from captioner.cli import main
 from captioner.data import load_captions
-from captioner.errors import CheckpointError, ConfigError
+from captioner.errors import CheckpointError, ConfigError, OutputError
 from captioner.evaluation import evaluate
 from captioner.model import BUNDLED_MODEL
-from captioner.onnx_engine import DECODER_INIT_ONNX, DECODER_STEP_ONNX, ENCODER_ONNX, ONNX_FILES
+from captioner.onnx_engine import (DECODER_INIT_ONNX, DECODER_STEP_ONNX, ENCODER_ONNX, FINGERPRINT_KEY, ONNX_FILES,
+                                   weights_fingerprint)
+from captioner.vocab import START_ID
+from conftest import need
 
 
 def export(source: Path, out: Path) -> Path:
@@ -38,13 +43,9 @@ def engines(exported) -> tuple[Captioner, Captioner]:
 
 
 @pytest.fixture(scope="module")
-def bundled_engines(tmp_path_factory) -> tuple[Captioner, Captioner]:
-    """The bundled model, copied and exported in place (as `make setup` does for assets/model)."""
-    folder = tmp_path_factory.mktemp("bundled") / "model"
-    shutil.copytree(BUNDLED_MODEL, folder, ignore=shutil.ignore_patterns("*.onnx"))
-    export(folder, folder)
-    return (Captioner.from_pretrained(folder, device="cpu", engine="torch"),
-            Captioner.from_pretrained(folder, device="cpu", engine="onnx"))
+def bundled_engines() -> tuple[Captioner, Captioner]:
+    return (Captioner.from_pretrained(BUNDLED_MODEL, device="cpu", engine="torch"),
+            Captioner.from_pretrained(BUNDLED_MODEL, device="cpu", engine="onnx"))
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +67,25 @@ def test_export_writes_checked_graphs_with_dynamic_batch_axes(exported):
 
 
 def test_engine_choice(exported, trained_model, tmp_path):
-    assert Captioner.from_pretrained(exported, device="cpu").engine == "onnx"  # auto, on the CPU, exported
-    assert Captioner.from_pretrained(exported, device="cpu", engine="torch").engine == "torch"
-    plain = trained_model.save_pretrained(tmp_path / "plain")
-    assert Captioner.from_pretrained(plain, device="cpu").engine == "torch"
-    with pytest.raises(CheckpointError, match="no ONNX export"):
-        Captioner.from_pretrained(plain, engine="onnx")
+    plain = trained_model.save_pretrained(tmp_path / "plain")  # no graph files: the engine exports its own
+    assert Captioner.from_pretrained(plain, device="cpu").engine == "onnx"  # auto, on the CPU
+    assert Captioner.from_pretrained(plain, device="cpu", engine="torch").engine == "torch"
     with pytest.raises(ConfigError, match="runs on the CPU" if torch.cuda.is_available() else "CUDA is not available"):
         Captioner.from_pretrained(exported, device="cuda", engine="onnx")
     with pytest.raises(ConfigError, match="engine must be one of"):
         Captioner.from_pretrained(exported, engine="tensorrt")
+
+
+def test_a_copy_runs_on_pytorch_with_its_own_weights(engines, test_images):
+    import copy
+
+    copied = copy.deepcopy(engines[1])
+    assert engines[1].engine == "onnx" and copied.engine == "torch"
+    assert copied.caption(test_images[:3]) == engines[1].caption(test_images[:3])
+    with torch.no_grad():
+        copied.decoder.output.bias[7] += 100.0  # the copy's change reaches its captions, not the original's
+    assert all(caption.split()[0] == copied.vocab.words[7] for caption in copied.caption(test_images[:3]))
+    assert engines[1].caption(test_images[:3]) == engines[0].caption(test_images[:3])
 
 
 def test_sessions_compute_on_the_threads_asked_for(exported):
@@ -135,11 +145,6 @@ def test_cli_and_evaluate_take_an_engine(exported, synthetic, test_images, capsy
     assert results["onnx"] == pytest.approx(results["torch"], abs=1e-3)
 
 
-def test_export_in_place_refuses_other_changes(exported, capsys):
-    assert main(["export", str(exported), str(exported), "--format", "onnx", "--beam-size", "5"]) == 2
-    assert "only to add ONNX graphs" in capsys.readouterr().err
-
-
 def test_demo_timing_names_the_engine(engines, test_images):
     from captioner.webapp import caption_photo
 
@@ -147,48 +152,268 @@ def test_demo_timing_names_the_engine(engines, test_images):
         assert name in caption_photo(model, str(test_images[0])).timing
 
 
-# ---------------------------------------------------------------------------------------- untrusted directories
-def tampered(exported: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "copy"
-    shutil.copytree(exported, copy)
-    return copy
+# ---------------------------------------------------------------------------------------- graphs from outside
+SECRET = b"machine api.example.com login alice password hunter2\n"
 
 
-def test_incomplete_export_is_refused(exported, tmp_path):
-    folder = tampered(exported, tmp_path)
-    (folder / DECODER_INIT_ONNX).unlink()
-    with pytest.raises(CheckpointError, match="incomplete ONNX export"):
-        Captioner.from_pretrained(folder, device="cpu")
+def hostile_graph(where: str, fingerprint: str = "") -> onnx.ModelProto:
+    """A graph whose one tensor is the external file ``.netrc``, which ONNX Runtime reads relative to the working
+    directory, stored ``where``: a top-level initializer, a Constant node, an If node's subgraph, or a sparse
+    tensor attribute; it carries ``fingerprint`` as ours do."""
+    from onnx import TensorProto, helper
+
+    def secret() -> TensorProto:
+        tensor = TensorProto(name="secret", data_type=TensorProto.UINT8, dims=[len(SECRET)],
+                             data_location=TensorProto.EXTERNAL)
+        tensor.external_data.add(key="location", value=".netrc")
+        return tensor
+
+    out = helper.make_tensor_value_info("logits", TensorProto.UINT8, [len(SECRET)])
+    if where == "initializer":
+        graph = helper.make_graph([helper.make_node("Identity", ["secret"], ["logits"])], "g", [], [out], [secret()])
+    elif where == "constant":
+        graph = helper.make_graph([helper.make_node("Constant", [], ["logits"], value=secret())], "g", [], [out])
+    elif where == "sparse":
+        indices = helper.make_tensor("indices", TensorProto.INT64, [len(SECRET)], list(range(len(SECRET))))
+        sparse = helper.make_sparse_tensor(secret(), indices, [len(SECRET)])
+        graph = helper.make_graph([helper.make_node("Constant", [], ["logits"], sparse_value=sparse)], "g", [], [out])
+    else:
+        branch_out = helper.make_tensor_value_info("branch", TensorProto.UINT8, [len(SECRET)])
+        branch = helper.make_graph([helper.make_node("Identity", ["secret"], ["branch"])], "b", [], [branch_out],
+                                   [secret()])
+        condition = helper.make_tensor("yes", TensorProto.BOOL, [], [True])
+        graph = helper.make_graph([helper.make_node("If", ["yes"], ["logits"], then_branch=branch, else_branch=branch)],
+                                  "g", [], [out], [condition])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.metadata_props.add(key=FINGERPRINT_KEY, value=fingerprint)
+    return model
 
 
-def test_graph_with_wrong_inputs_is_refused(exported, tmp_path):
-    folder = tampered(exported, tmp_path)
-    shutil.copyfile(folder / ENCODER_ONNX, folder / DECODER_INIT_ONNX)  # right fingerprint, wrong graph
-    with pytest.raises(CheckpointError, match=r"decoder_init.onnx: inputs are pixels float\['dynamic', 3"):
-        Captioner.from_pretrained(folder, device="cpu")
+WHERE = ["initializer", "constant", "subgraph", "sparse"]
 
 
-def test_garbage_and_symlinked_graphs_are_refused(exported, test_images, tmp_path, capsys):
-    folder = tampered(exported, tmp_path)
-    (folder / DECODER_STEP_ONNX).write_bytes(b"\x08\x07not a graph at all")
-    assert main(["caption", str(test_images[0]), "--model", str(folder), "--engine", "onnx"]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {folder / DECODER_STEP_ONNX}: ")
-    (folder / DECODER_STEP_ONNX).unlink()
-    (folder / DECODER_STEP_ONNX).symlink_to(exported / DECODER_STEP_ONNX)
-    with pytest.raises(CheckpointError, match="not a regular file"):
-        Captioner.from_pretrained(folder, device="cpu")
+def test_the_hostile_graphs_do_read_the_file_when_run(tmp_path, monkeypatch):
+    """What the tests below defend against is real: ONNX Runtime spells the file out (sparse tensors it refuses)."""
+    import onnxruntime
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".netrc").write_bytes(SECRET)
+    for where in ("initializer", "constant", "subgraph"):
+        session = onnxruntime.InferenceSession(hostile_graph(where).SerializeToString(), providers=["CPUExecutionProvider"])
+        assert session.run(None, {})[0].tobytes() == SECRET, where
 
 
-def test_graphs_from_other_weights_are_refused(exported, tmp_path):
-    folder = tampered(exported, tmp_path)
-    weights = Captioner.from_pretrained(folder, engine="torch")
+@pytest.mark.parametrize("where", WHERE)
+def test_graph_files_in_a_checkpoint_are_never_executed(exported, engines, test_images, tmp_path, monkeypatch, capsys,
+                                                        where):
+    folder = shutil.copytree(exported, tmp_path / "hostile")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".netrc").write_bytes(SECRET)
+    fingerprint = weights_fingerprint(engines[0].encoder, engines[0].decoder)
+    for name in ONNX_FILES:
+        onnx.save(hostile_graph(where, fingerprint), str(folder / name))
+    model = Captioner.from_pretrained(folder, device="cpu", engine="onnx")
+    assert model.engine == "onnx"
+    assert model.caption(test_images[:4]) == engines[0].caption(test_images[:4])
+    assert main(["caption", str(test_images[0]), "--model", str(folder), "--json", "-q"]) == 0
+    assert "alice" not in capsys.readouterr().out
+
+
+def test_a_tampered_graph_beside_its_weights_changes_nothing(exported, engines, test_images, tmp_path):
+    """The step graph with 9 added to one word's output bias, fingerprint kept: it would say that word."""
+    import onnxruntime
+
+    folder = shutil.copytree(exported, tmp_path / "tampered")
+    graph = onnx.load(str(folder / DECODER_STEP_ONNX))
+    vocab_size = engines[0].decoder.config.vocab_size
+    bias, = [t for t in graph.graph.initializer if list(t.dims) == [vocab_size]]  # the output layer's
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[7] += 50.0
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(graph, str(folder / DECODER_STEP_ONNX))
+    state = torch.zeros(engines[0].decoder.config.num_layers, 1, engines[0].decoder.config.hidden_size).numpy()
+    session = onnxruntime.InferenceSession(str(folder / DECODER_STEP_ONNX), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"tokens": np.array([START_ID]), "h": state, "c": state})[0].argmax() == 7  # it works
+    model = Captioner.from_pretrained(folder, device="cpu", engine="onnx")
+    features = engines[0].encode(test_images)
+    assert [c[0].text for c in model.generate(features)] == [c[0].text for c in engines[0].generate(features)]
+    assert model.generate(features)[0][0].log_prob == pytest.approx(
+        engines[0].score(features[:1], [engines[0].caption(features[:1])[0]])[0], abs=1e-3)
+
+
+def test_cached_graphs_pointing_at_other_files_are_exported_again(exported, engines, test_images, session_cache,
+                                                                    monkeypatch, tmp_path):
+    model = engines[1]
+    fingerprint = weights_fingerprint(model.encoder, model.decoder)
+    entry = session_cache / "onnx" / fingerprint
+    clean = (entry / DECODER_STEP_ONNX).read_bytes()
+    assert onnx_engine._fingerprint_of(clean) == fingerprint
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".netrc").write_bytes(SECRET)
+    for where in WHERE:
+        hostile = hostile_graph(where, fingerprint).SerializeToString()
+        assert onnx_engine._fingerprint_of(hostile) is None, where
+        (entry / DECODER_STEP_ONNX).write_bytes(hostile)
+        reloaded = Captioner.from_pretrained(exported, device="cpu", engine="onnx")
+        assert reloaded.caption(test_images[:2]) == engines[0].caption(test_images[:2]), where
+        assert (entry / DECODER_STEP_ONNX).read_bytes() == clean, where  # the entry was exported again
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "symlink", "folder", "missing"])
+def test_a_damaged_cache_entry_is_exported_again(exported, engines, test_images, session_cache, tmp_path, damage):
+    fingerprint = weights_fingerprint(engines[0].encoder, engines[0].decoder)
+    graph = session_cache / "onnx" / fingerprint / ENCODER_ONNX
+    clean = graph.read_bytes()
+    graph.unlink()
+    if damage == "truncated":
+        graph.write_bytes(clean[: len(clean) // 2])
+    elif damage == "garbage":
+        graph.write_bytes(b"\x08\x07not a graph at all")
+    elif damage == "symlink":
+        (tmp_path / "elsewhere.onnx").write_bytes(clean)
+        graph.symlink_to(tmp_path / "elsewhere.onnx")
+    elif damage == "folder":
+        graph.mkdir()
+    model = Captioner.from_pretrained(exported, device="cpu", engine="onnx")
+    assert model.caption(test_images[:2]) == engines[0].caption(test_images[:2])
+    assert graph.is_file() and not graph.is_symlink() and graph.read_bytes() == clean
+
+
+def test_an_unusable_cache_costs_an_export_not_a_failure(exported, engines, test_images, tmp_path, monkeypatch, caplog):
+    shared = tmp_path / "shared"
+    (shared / "onnx").mkdir(parents=True)
+    (shared / "onnx").chmod(0o777)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    for root, warning in ((shared, "not a private folder"), (blocked, "unusable")):
+        monkeypatch.setenv("CAPTIONER_CACHE_DIR", str(root))
+        caplog.clear()
+        model = Captioner.from_pretrained(exported, device="cpu", engine="onnx")
+        assert model.caption(test_images[:2]) == engines[0].caption(test_images[:2])
+        assert warning in caplog.text
+    assert list((shared / "onnx").iterdir()) == []  # nothing written where others could have written
+
+
+def test_the_cache_keeps_the_most_recently_used_models_within_its_bound(trained_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPTIONER_CACHE_DIR", str(tmp_path / "cache"))
+    first = trained_model.save_pretrained(tmp_path / "first")
+    second = Captioner.from_pretrained(first, engine="torch")
     with torch.no_grad():
-        weights.decoder.output.bias.add_(1.0)
-    retrained = weights.save_pretrained(tmp_path / "retrained")
-    for name in ONNX_FILES:  # stale graphs copied beside new weights
-        shutil.copyfile(folder / name, retrained / name)
-    with pytest.raises(CheckpointError, match="exported from other weights"):
-        Captioner.from_pretrained(retrained, device="cpu")
+        second.decoder.output.bias.add_(0.5)
+    second = second.save_pretrained(tmp_path / "second")
+    Captioner.from_pretrained(first, engine="onnx")
+    entries = lambda: sorted(p.name for p in (tmp_path / "cache" / "onnx").iterdir() if not p.name.startswith("."))  # noqa: E731
+    assert len(entries()) == 1
+    size = sum(f.stat().st_size for f in (tmp_path / "cache" / "onnx" / entries()[0]).iterdir())
+    monkeypatch.setattr(onnx_engine, "MAX_CACHE_BYTES", int(size * 1.5))  # room for one model, not two
+    loaded = Captioner.from_pretrained(second, engine="onnx")
+    assert entries() == [weights_fingerprint(loaded.encoder, loaded.decoder)]
+
+
+def test_concurrent_first_loads_share_one_cache_entry(trained_model, test_images, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("CAPTIONER_CACHE_DIR", str(tmp_path / "cache"))
+    folder = trained_model.save_pretrained(tmp_path / "model")
+    with ThreadPoolExecutor(3) as pool:
+        models = list(pool.map(lambda _: Captioner.from_pretrained(folder, engine="onnx"), range(3)))
+    assert len({tuple(m.caption(test_images[:3])) for m in models}) == 1
+    entries = [p for p in (tmp_path / "cache" / "onnx").iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1 and sorted(p.name for p in entries[0].iterdir()) == sorted(ONNX_FILES)
+
+
+def test_weights_that_overflow_are_one_line_not_nan_captions(trained_model, test_images, tmp_path, capsys):
+    """Finite weights pass the checkpoint's checks, but 3e38 overflows the logits: one error line, no NaN output."""
+    model = Captioner.from_pretrained(trained_model.save_pretrained(tmp_path / "plain"), engine="torch")
+    with torch.no_grad():
+        model.decoder.output.weight.fill_(3e38)
+    folder = model.save_pretrained(tmp_path / "overflowing")
+    for engine in ("torch", "auto"):
+        assert main(["caption", str(test_images[0]), "--model", str(folder), "--engine", engine, "--json"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.strip().splitlines()[-1] == (
+            "error: the decoder's next-word scores are NaN or infinite; its weights are unusable"), engine
+    with pytest.raises(CheckpointError, match="differs from PyTorch by nan"):
+        Captioner.from_pretrained(folder, engine="onnx")
+
+
+# ---------------------------------------------------------------------------------------- where exports go
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_never_replaces_what_is_not_a_checkpoint(exported, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    source = shutil.copytree(exported, runs / "flickr8k" / "best")
+    (runs / "notes.txt").write_text("keep me")
+    (runs / "photos").mkdir()
+    (runs / "photos" / "a.jpg").write_bytes(b"\xff\xd8 a photo")
+    a_file = tmp_path / "model.txt"
+    a_file.write_text("a file")
+    link = tmp_path / "link"
+    link.symlink_to(source)
+    before = files_of(tmp_path)
+    foreign = "; refusing to replace it, choose a new or empty folder"
+    for out, reason in ((runs, "not a captioner checkpoint (holds flickr8k/, notes.txt, photos/)" + foreign),
+                        (runs / "flickr8k", "not a captioner checkpoint (holds best/)" + foreign),
+                        (a_file, "is a file, not a checkpoint folder; refusing to replace it"),
+                        (link, "is a symbolic link; give the checkpoint folder itself")):
+        assert main(["export", str(source), str(out), "--half-precision"]) == 2
+        assert capsys.readouterr().err == f"error: {out}: {reason}\n"
+    with pytest.raises(OutputError, match="holds flickr8k/, notes.txt, photos/"):
+        Captioner.from_pretrained(source, engine="torch").save_pretrained(runs)
+    assert files_of(tmp_path) == before
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(source), str(tmp_path / "empty"), "-q"]) == 0
+    assert Captioner.from_pretrained(tmp_path / "empty", engine="torch").caption([]) == []
+
+
+def test_export_in_place_writes_the_graphs_as_a_set_and_keeps_the_rest(trained_run, tmp_path, capsys):
+    folder = shutil.copytree(trained_run / "last", tmp_path / "last")  # a resumable run's checkpoint
+    before = files_of(folder)
+    assert {"trainer.json", "training_state.safetensors"} <= set(before)
+    assert main(["export", str(folder), str(folder), "--format", "onnx", "-q"]) == 0
+    after = files_of(folder)
+    assert set(after) == set(before) | set(ONNX_FILES)
+    assert {name: after[name] for name in before} == before  # weights, vocabulary, training state: byte for byte
+    for options in (["--format", "onnx", "--half-precision"], ["--format", "onnx", "--beam-size", "5"], []):
+        assert main(["export", str(folder), str(folder), *options]) == 2
+        assert "only to add ONNX graphs" in capsys.readouterr().err
+    assert files_of(folder) == after
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """``small_filesystem(name, kilobytes)``: a tmpfs of that size mounted under ``tmp_path`` (needs root)."""
+    mounted = []
+
+    def mount(name: str, kilobytes: int) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs", str(point)],
+                                capture_output=True, text=True)
+        need(result.returncode == 0, f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@pytest.mark.parametrize("filesystem", ["full", "read-only"])
+def test_a_failed_export_leaves_the_checkpoint_as_it_was(exported, small_filesystem, test_images, filesystem, capsys):
+    size = sum(p.stat().st_size for p in exported.iterdir())
+    disk = small_filesystem("disk", size // 1024 + 256)  # room for the checkpoint, not for its new copy
+    folder = shutil.copytree(exported, disk / "model")
+    if filesystem == "read-only":
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    before = files_of(folder)
+    assert main(["export", str(folder), str(folder), "--format", "onnx"]) == 2
+    reason = "No space left on device" if filesystem == "full" else "Read-only file system"
+    assert capsys.readouterr().err == f"error: {folder}: checkpoint not saved ({reason}); any previous one is kept\n"
+    assert files_of(folder) == before and sorted(p.name for p in disk.iterdir()) == ["model"]
+    assert Captioner.from_pretrained(folder, device="cpu").caption(test_images[:1])
 
 
 # ---------------------------------------------------------------------------------------- the bundled model

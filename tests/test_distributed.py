@@ -14,6 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from captioner.cli import main
+from captioner.distributed import Distributed
+from captioner.errors import ConfigError
 from conftest import ROOT
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -110,3 +112,11 @@ def test_training_outside_torchrun_with_a_world_size_says_so(variables, message,
     trained = train_in_process(*train_arguments(tmp_path))
     assert trained.returncode == 2 and trained.stderr.startswith("error: ") and message in trained.stderr
     assert trained.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_more_local_ranks_than_gpus_is_one_line(launch_environment, monkeypatch):
+    launch_environment(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    monkeypatch.setattr("captioner.distributed.pick_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="LOCAL_RANK is 1 but only 1 GPUs are visible; start at most one process per GPU"):
+        Distributed.setup("cuda")

@@ -181,6 +181,34 @@ def check_writable(folder: Path, flag: str) -> None:
             probe.unlink(missing_ok=True)
 
 
+def check_output_file(path: Path, flag: str) -> Path:
+    """``path`` can receive a result: not a folder or device, in a writable folder (created if missing).
+
+    Checked before the work whose result it receives, so a mistyped path costs nothing.
+    """
+    if path.exists() and not path.is_file():
+        raise OutputError(f"{flag} {path}: not a regular file")
+    check_writable(path.parent, flag)
+    return path
+
+
+def write_atomically(path: Path, text: str, flag: str) -> None:
+    """Write ``text`` to a temporary beside ``path``, then rename it over ``path``: a crash or a full disk leaves
+    the previous file or the complete new one, never half of one. A failure is one :class:`OutputError` line."""
+    remove_dead_writers(path.parent, f".{path.name}.tmp-*")
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise OutputError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from None
+
+
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

@@ -255,18 +255,25 @@ def _evaluate_parser(sub) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .bulk import check_workers
+    from .checkpoint import check_output_file, write_atomically
     from .evaluation import evaluate
 
+    options, num_workers = _decoding_arguments(args), check_workers(args.num_workers)
+    # The output files are checked now, not when the split has been captioned and scored.
+    outputs = [(flag, check_output_file(Path(path), flag), key) for flag, path, key in
+               (("--out", args.out, "metrics"), ("--predictions", args.predictions, "predictions")) if path]
+    taken = {Path(args.captions).resolve(): "--captions"}
+    for flag, path, _ in outputs:
+        if path.resolve() in taken:
+            raise ConfigError(f"{flag} {path} is also {taken[path.resolve()]}; choose another file")
+        taken[path.resolve()] = flag
     result = evaluate(args.images, args.captions, model=args.model, split=args.split, device=args.device,
-                      engine=args.engine, batch_size=args.batch_size, num_workers=check_workers(args.num_workers),
-                      **_decoding_arguments(args))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result["metrics"], indent=2) + "\n", encoding="utf-8")
-    if args.predictions:
-        Path(args.predictions).write_text(json.dumps(result["predictions"], indent=1) + "\n", encoding="utf-8")
+                      engine=args.engine, batch_size=args.batch_size, num_workers=num_workers, **options)
     width = max(map(len, result["metrics"]))
-    for name, value in result["metrics"].items():
+    for name, value in result["metrics"].items():  # printed first: kept even if a file below cannot be written
         print(f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else f"{name:<{width}}  {value}")
+    for flag, path, key in outputs:
+        write_atomically(path, json.dumps(result[key], indent=2) + "\n", flag)
     return 0
 
 

@@ -5,10 +5,10 @@ input; the words follow, starting with ``<start>``. Training uses teacher forcin
 variable-length sequences (:meth:`Decoder.forward`); inference feeds each chosen word back through
 :meth:`Decoder.step`, the single step function every decoding strategy shares.
 
-An ensemble (:class:`DecoderEnsemble`, ``members`` > 1) is several decoders of one shape trained apart
-(different seeds) over the same vocabulary and encoder. It answers the same calls: its state is the
-members' states stacked, and each step averages the members' next-word probabilities, so the one
-batched search in :mod:`captioner.decoding` decodes it unchanged.
+An ensemble (:class:`DecoderEnsemble`, ``members`` > 1; an ensemble of one decoder is that decoder) is
+several decoders of one shape trained apart (different seeds) over the same vocabulary and encoder. It
+answers the same calls: its state is the members' states stacked, and each step averages the members'
+next-word probabilities, so the one batched search in :mod:`captioner.decoding` decodes it unchanged.
 """
 
 from __future__ import annotations
@@ -76,6 +76,18 @@ def build_decoder(config: DecoderConfig) -> "Decoder | DecoderEnsemble":
     return Decoder(config) if config.members == 1 else DecoderEnsemble(config)
 
 
+def join_decoders(decoders: list[Decoder]) -> Decoder | DecoderEnsemble:
+    """A module holding copies of the weights of ``decoders``, which must share one configuration: their ensemble,
+    or for one decoder a plain copy of it, as :func:`build_decoder` builds them (so that saved, either loads back)."""
+    shape = lambda config: replace(config, dropout=0.0, input_dropout=0.0)  # noqa: E731 (dropout is training-only)
+    if not decoders or any(shape(d.config) != shape(decoders[0].config) for d in decoders):
+        raise ConfigError("ensemble members must have the same feature, vocabulary, embedding, hidden and layer sizes")
+    joined = build_decoder(replace(decoders[0].config, members=len(decoders)))
+    for member, decoder in zip(joined.decoders(), decoders):
+        member.load_state_dict(decoder.state_dict())
+    return joined
+
+
 def average_probabilities(log_probs: list[torch.Tensor]) -> torch.Tensor:
     """``log(mean(p_i))`` of the members' log-probabilities: the ensemble's own normalised log-probabilities.
 
@@ -101,6 +113,10 @@ class Decoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.input_dropout = nn.Dropout(config.input_dropout)
         self.output = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def decoders(self) -> list[Decoder]:
+        """The decoders whose probabilities it gives: itself (an ensemble answers its members)."""
+        return [self]
 
     def image_input(self, features: torch.Tensor) -> torch.Tensor:
         return self.input_dropout(self.image_projection(self.input_dropout(features)))
@@ -187,19 +203,10 @@ class DecoderEnsemble(nn.Module):
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
+        if config.members < 2:  # one decoder is saved and loaded as a plain Decoder, never as members.0.*
+            raise ConfigError("an ensemble has 2 or more members; build one decoder with Decoder")
         self.config = config
         self.members = nn.ModuleList(Decoder(replace(config, members=1)) for _ in range(config.members))
-
-    @classmethod
-    def of(cls, decoders: list[Decoder]) -> "DecoderEnsemble":
-        """An ensemble holding copies of the weights of ``decoders``, which must share one configuration."""
-        shape = lambda config: replace(config, dropout=0.0, input_dropout=0.0)  # noqa: E731 (dropout is training-only)
-        if not decoders or any(shape(d.config) != shape(decoders[0].config) for d in decoders):
-            raise ConfigError("ensemble members must have the same feature, vocabulary, embedding, hidden and layer sizes")
-        ensemble = cls(replace(decoders[0].config, members=len(decoders)))
-        for member, decoder in zip(ensemble.decoders(), decoders):
-            member.load_state_dict(decoder.state_dict())
-        return ensemble
 
     def decoders(self) -> list[Decoder]:
         return [member for member in self.members if isinstance(member, Decoder)]

@@ -20,6 +20,9 @@ from .errors import ConfigError
 from .runtime import pick_device
 
 
+MAX_WORLD_SIZE = 1_000_000
+
+
 class Launch(NamedTuple):
     rank: int
     world_size: int
@@ -28,16 +31,30 @@ class Launch(NamedTuple):
 
 def launched_rank() -> Launch:
     """This process's place as torchrun describes it (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); one process
-    outside torchrun. Joins no process group: for work whose processes never need to talk (bulk captioning)."""
+    outside torchrun. Joins no process group: for work whose processes never need to talk (bulk captioning).
+
+    The one reader of these variables, for training and captioning alike: a bad one is a :class:`ConfigError`
+    naming it and its value. ``LOCAL_RANK`` counts the processes of one machine, so it is below ``WORLD_SIZE`` too.
+    """
+    world_size = _environment_integer("WORLD_SIZE", 1, 1, MAX_WORLD_SIZE)
+    bound = " (WORLD_SIZE - 1)" if world_size > 1 else " (WORLD_SIZE is 1)"
+    rank = _environment_integer("RANK", 0, 0, world_size - 1, bound)
+    local_rank = _environment_integer("LOCAL_RANK", 0, 0, world_size - 1, bound)
+    return Launch(rank, world_size, local_rank)
+
+
+def _environment_integer(name: str, default: int, low: int, high: int, note: str = "") -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
     try:
-        launch = Launch(*(int(os.environ.get(name, default)) for name, default in
-                          (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"))))
+        value = int(text)
     except ValueError:
-        raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
-    if not 0 <= launch.rank < launch.world_size or launch.local_rank < 0:
-        raise ConfigError(f"RANK must be between 0 and WORLD_SIZE - 1, not RANK={launch.rank} "
-                          f"WORLD_SIZE={launch.world_size}")
-    return launch
+        raise ConfigError(f"environment variable {name} must be an integer (as torchrun sets it), "
+                          f"not {text[:20]!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"environment variable {name} must be between {low} and {high}{note}, not {value}")
+    return value
 
 
 @dataclass
@@ -57,16 +74,24 @@ class Distributed:
     @classmethod
     def setup(cls, device: str = "auto") -> "Distributed":
         """Join the process group that torchrun describes (if any) and pick this rank's device."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1:
+        launch = launched_rank()
+        if launch.world_size == 1:
             return cls(0, 1, pick_device(device))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        for name in ("MASTER_ADDR", "MASTER_PORT"):  # where the processes meet; torchrun sets both
+            if not os.environ.get(name):
+                raise ConfigError(f"WORLD_SIZE is {launch.world_size} but environment variable {name} is not set: "
+                                  "start the processes with torchrun")
+        _environment_integer("MASTER_PORT", 0, 1, 65535)
         chosen = pick_device(device)
         if chosen.type == "cuda":
-            chosen = torch.device("cuda", local_rank)
+            if launch.local_rank >= torch.cuda.device_count():
+                raise ConfigError(f"LOCAL_RANK is {launch.local_rank} but only {torch.cuda.device_count()} GPUs are "
+                                  "visible; start at most one process per GPU")
+            chosen = torch.device("cuda", launch.local_rank)
             torch.cuda.set_device(chosen)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", rank=launch.rank,
+                                    world_size=launch.world_size)
         return cls(dist.get_rank(), dist.get_world_size(), chosen)
 
     def barrier(self) -> None:

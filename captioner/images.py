@@ -6,8 +6,9 @@ Whatever comes in (a path, raw bytes, a PIL image or a numpy array) leaves as an
 Conversions, documented for users:
 - EXIF orientation is applied, so phone photos are encoded upright.
 - Transparency (RGBA, LA, palette with transparency) is flattened onto a white background.
-- 16-bit and 32-bit greyscale are rescaled to 8 bits by their full range; CMYK, YCbCr, greyscale
-  and palette images are converted to RGB. Animated images (GIF, WebP) use their first frame.
+- 16-bit and 32-bit greyscale are rescaled to 8 bits by their full range (floating-point ones must be
+  finite); CMYK, YCbCr, greyscale and palette images are converted to RGB. Animated images (GIF,
+  WebP) use their first frame.
 - Images above ``MAX_IMAGE_PIXELS`` are refused from their header, before any pixel is decoded
   (decompression-bomb guard); very thin images are bounded later, by the encoder's aspect-ratio crop.
 - Float arrays must hold values in [0, 1]; integer arrays are scaled by their type's full range.
@@ -122,7 +123,7 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        image = _rescale_to_8bit(np.asarray(image, dtype=np.float64))
+        image = _rescale_to_8bit(np.asarray(image, dtype=np.float64), name)
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         flat = Image.new("RGB", rgba.size, BACKGROUND)
@@ -131,7 +132,10 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image.copy()
 
 
-def _rescale_to_8bit(values: np.ndarray) -> Image.Image:
+def _rescale_to_8bit(values: np.ndarray, name: str) -> Image.Image:
+    """Greyscale stretched over 0-255; NaN or infinity (a float TIFF's) would make the whole image black."""
+    if not np.isfinite(values).all():
+        raise ImageError(f"{name}: image contains NaN or infinite values")
     low, high = float(values.min()), float(values.max())
     scale = 255.0 / (high - low) if high > low else 0.0
     return Image.fromarray(((values - low) * scale).round().astype(np.uint8))

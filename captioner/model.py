@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, onnx_engine
-from .decoder import Decoder, DecoderConfig, DecoderEnsemble, build_decoder
+from .decoder import Decoder, DecoderConfig, DecoderEnsemble, build_decoder, join_decoders
 from .decoding import Caption, GenerationConfig, generate, sequence_log_probs, to_captions
 from .bounds import check_value
 from .encoder import Encoder, EncoderConfig, fetch_pretrained, resolve_weights
@@ -174,7 +174,8 @@ class Captioner(nn.Module):
 
         Members trained apart (e.g. with different seeds) on the same data must share the encoder
         (configuration and weights) and the vocabulary; the decoding defaults are the first model's.
-        Members that are ensembles themselves contribute each of their decoders.
+        Members that are ensembles themselves contribute each of their decoders; an ensemble of one decoder
+        is a copy of that model.
         """
         if not models:
             raise ConfigError("an ensemble needs at least one model")
@@ -186,10 +187,8 @@ class Captioner(nn.Module):
                     first.encoder.config.weights.stored and not _same_tensors(model.encoder.weights_state_dict(),
                                                                                first.encoder.weights_state_dict())):
                 raise ConfigError(f"model {number} has another encoder than model 1")
-        decoders = [member for model in models for member in
-                    (model.decoder.decoders() if isinstance(model.decoder, DecoderEnsemble) else [model.decoder])]
-        ensemble = DecoderEnsemble.of(decoders)
-        return cls(first.encoder, ensemble, first.vocab, first.generation_config).to(first.device)
+        decoders = [member for model in models for member in model.decoder.decoders()]
+        return cls(first.encoder, join_decoders(decoders), first.vocab, first.generation_config).to(first.device)
 
     def save_pretrained(self, path: str | os.PathLike, half_precision: bool = False,
                         extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:

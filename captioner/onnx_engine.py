@@ -116,7 +116,7 @@ class _DecoderStep(nn.Module):
     def __init__(self, decoder: Decoder | DecoderEnsemble):
         super().__init__()
         self.config, self.decoder = decoder.config, decoder  # the module owns the weights; members index them
-        self.members: list[Decoder] = decoder.decoders() if isinstance(decoder, DecoderEnsemble) else [decoder]
+        self.members: list[Decoder] = decoder.decoders()
         for number, member in enumerate(self.members):
             lstm = member.lstm
             self.register_buffer(f"word_gates_{number}", F.linear(member.embedding.weight, lstm.get_parameter("weight_ih_l0"),

@@ -22,6 +22,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
+from gradio.exceptions import ComponentProcessingError  # noqa: E402
 
 from .errors import CaptionerError, ConfigError  # noqa: E402
 from .model import Captioner  # noqa: E402
@@ -80,17 +81,18 @@ class PhotoResult:
     timing: str
 
 
-def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam search", beam_size: int | None = None,
-                  temperature: float = 1.0, num_captions: int | None = 3, max_length: int | None = None,
-                  seed: int | None = None) -> PhotoResult:
+def caption_photo(model: Captioner, image: str | None, strategy: str | None = "Beam search",
+                  beam_size: int | None = None, temperature: float = 1.0, num_captions: int | None = 3,
+                  max_length: int | None = None, seed: int | None = None) -> PhotoResult:
     """Caption one uploaded image for the page and the API (the page's defaults are these defaults).
 
-    ``beam_size`` and ``max_length`` default to the model's own decoding settings; beam search widens the
-    beam to the number of captions asked for. Bad input raises ``gr.Error`` with one line naming the upload.
+    ``strategy``, ``beam_size`` and ``max_length`` given as ``None`` are the model's own decoding settings; beam
+    search widens the beam to the number of captions asked for. Bad input raises ``gr.Error`` with one line
+    naming the upload.
     """
     if image is None:
         raise user_error("no image: upload, paste, drop or take a photo first")
-    mode = STRATEGY_LABELS.get(strategy, strategy)
+    mode = model.generation_config.strategy if strategy is None else STRATEGY_LABELS.get(strategy, strategy)
     try:
         num_captions = _whole(num_captions, "num_captions")
         options: dict[str, object] = dict(strategy=mode, max_length=_whole(max_length, "max_length"),
@@ -117,9 +119,9 @@ def caption_photo(model: Captioner, image: str | None, strategy: str = "Beam sea
             for c, m in ranked]
     best = captions[0]
     words = [(token, math.exp(lp)) for token, lp in zip([*best.tokens, "<end>"], best.token_log_probs)]
-    beam = f", beam {config.beam_size}" if mode == "beam" else ""
+    beam = f", beam {config.beam_size}" if config.strategy == "beam" else ""
     timing = (f"{(finished - started) * 1000:.0f} ms: encoder {(encoded - started) * 1000:.0f} ms, "
-              f"decoder {(finished - encoded) * 1000:.0f} ms ({mode}{beam}, {model.encoder.config.name}, "
+              f"decoder {(finished - encoded) * 1000:.0f} ms ({config.strategy}{beam}, {model.encoder.config.name}, "
               f"{model.device.type}, {ENGINE_NAMES[model.engine]})")
     return PhotoResult(best.text, rows, words, dict(labels), timing)
 
@@ -128,6 +130,30 @@ def user_error(message: str) -> gr.Error:
     """A bad request: one line in the server's log (not Gradio's traceback) and a ``gr.Error`` for the user."""
     log.warning("refused a request: %s", message)
     return gr.Error(message, print_exception=False)
+
+
+def quiet_refusals(demo: gr.Blocks) -> gr.Blocks:
+    """Refuse values that Gradio's own input checks reject (a slider's range, a radio's choices) as ours are.
+
+    Those checks raise ``gr.Error`` with ``print_exception`` left on, or, for a value of the wrong type, a
+    ``ComponentProcessingError``, and Gradio's queue prints a traceback for either (``show_error`` only decides
+    what the user sees; ``from None`` changes nothing). Wrapped here on the one ``Blocks`` rather than on each
+    component, since each session's state holds fresh copies of any component an event has updated.
+    """
+    preprocess = demo.preprocess_data
+
+    async def preprocess_data(*args, **kwargs):
+        try:
+            return await preprocess(*args, **kwargs)
+        except gr.Error as error:
+            if error.print_exception:
+                raise user_error(error.message) from None
+            raise
+        except ComponentProcessingError as error:  # its first line says which input and of which kind
+            raise user_error(str(error).partition("\n")[0]) from None
+
+    demo.preprocess_data = preprocess_data  # type: ignore[method-assign]  # on purpose: see the docstring
+    return demo
 
 
 def words_html(words: list[tuple[str, float]]) -> str:
@@ -230,7 +256,7 @@ def build_demo(model: Captioner, bundled: bool = True) -> gr.Blocks:
             event(page, [image, *settings], page_outputs, api_visibility="private")
         strategy.change(_controls, strategy, [beam_size, temperature, num_captions], api_visibility="private")
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
-    return demo
+    return quiet_refusals(demo)
 
 
 def launch(model_dir: str | None = None, host: str | None = None, port: int | None = None,

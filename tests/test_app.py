@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -113,6 +114,36 @@ def test_server_logs_one_line_per_refused_upload(client, server, tmp_path):
     time.sleep(1)
     console = SERVER_LOGS[server].read_text()
     assert "refused a request: scribble.png: not an image" in console and "Traceback" not in console
+
+
+def test_server_logs_one_line_per_refused_setting(client, server, synthetic):
+    """Gradio's own checks (a slider's range, a radio's choices, a slider given text) refuse these; its queue
+    printed a traceback for each."""
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    image = handle_file(str(sorted((synthetic / "images").glob("test_*.png"))[2]))
+    refused = {("Beam search", 99, 1.0, 3, 12): "Value 99 is greater than maximum value 10",
+               ("Sideways", 3, 1.0, 3, 12): "Value: 'Sideways' (type: <class 'str'>) is not in the list of choices",
+               ("Beam search", 3, 1.0, "many", 12): "Could not preprocess input component at index 4 (a `slider` component)"}
+    for settings, reason in refused.items():
+        with pytest.raises(AppError, match=re.escape(reason)):
+            client.predict(image, *settings, api_name="/caption")
+    assert client.predict(image, "Greedy", 3, 1.0, 1, 12, api_name="/caption")[0]  # and it keeps serving
+    time.sleep(1)
+    console = SERVER_LOGS[server].read_text()
+    assert "Traceback" not in console
+    for reason in refused.values():
+        lines = [line for line in console.splitlines() if reason in line]
+        assert len(lines) == 1 and lines[0].startswith(f"refused a request: {reason}"), lines
+
+
+def test_default_strategy_is_the_models_own_and_named_in_the_timing(trained_model, synthetic):
+    image = str(sorted((synthetic / "images").glob("test_*.png"))[2])
+    result = caption_photo(trained_model, image, strategy=None, num_captions=2)
+    config = trained_model.generation_config
+    assert f"({config.strategy}, beam {max(config.beam_size, 2)}, mobilenet_v2, cpu" in result.timing
+    assert result.rows == caption_photo(trained_model, image, strategy="Beam search", num_captions=2).rows
 
 
 def test_api_sees_the_original_upload_like_the_python_api(client, trained_model, tmp_path):

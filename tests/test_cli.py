@@ -91,7 +91,7 @@ def test_more_captions_than_beams_widens_the_beam_and_says_so(model_dir, synthet
 
 
 def test_evaluate_reports_coco_metrics(model_dir, synthetic, tmp_path):
-    out, predictions = tmp_path / "metrics.json", tmp_path / "predictions.json"
+    out, predictions = tmp_path / "results" / "metrics.json", tmp_path / "predictions.json"  # results/ is created
     result = captioner("evaluate", "--images", str(synthetic / "images"), "--captions", str(synthetic / "test.json"),
                        "--model", str(model_dir), "--out", str(out), "--predictions", str(predictions))
     assert result.returncode == 0, result.stderr

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from captioner import Captioner
 from captioner.cli import main
-from captioner.decoder import MAX_MEMBERS, Decoder, DecoderConfig, DecoderEnsemble
+from captioner.decoder import MAX_MEMBERS, Decoder, DecoderConfig, DecoderEnsemble, join_decoders
 from captioner.decoding import GenerationConfig, beam_search
 from captioner.errors import CheckpointError, ConfigError
 from captioner.vocab import END_ID, START_ID, Vocabulary
@@ -100,6 +100,18 @@ def test_saved_ensemble_loads_and_scores(members, test_images, tmp_path):
     assert loaded.score(test_images[0], text) >= sum(m.score(test_images[0], text) for m in members) / 2 - 1e-4
 
 
+def test_an_ensemble_of_one_model_saves_and_loads_as_that_model(trained_model, test_images, tmp_path):
+    """It was saved as members.0.* weights with members: 1, which no loader accepts."""
+    one = Captioner.ensemble([trained_model])
+    assert type(one.decoder) is Decoder and one.decoder is not trained_model.decoder  # a copy, like any ensemble
+    one.save_pretrained(tmp_path / "one")
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["decoder"]["members"] == 1
+    loaded = Captioner.from_pretrained(tmp_path / "one", device="cpu", engine="torch")
+    assert loaded.caption(test_images) == trained_model.caption(test_images)
+    text = trained_model.caption(test_images[0])
+    assert loaded.score(test_images[0], text) == pytest.approx(trained_model.score(test_images[0], text), abs=1e-5)
+
+
 def test_cli_export_joins_members_and_the_onnx_engine_agrees(members, test_images, tmp_path):
     for number, member in enumerate(members):
         member.save_pretrained(tmp_path / f"member{number}")
@@ -125,7 +137,7 @@ def test_members_must_share_vocabulary_and_encoder(trained_model, tmp_path, caps
     assert "another vocabulary" in capsys.readouterr().err and not (tmp_path / "out").exists()
     wider = DecoderConfig(**{**trained_model.decoder.config.to_dict(), "hidden_size": 8})
     with pytest.raises(ConfigError, match="same feature, vocabulary"):
-        DecoderEnsemble.of([trained_model.decoder, Decoder(wider)])
+        join_decoders([trained_model.decoder, Decoder(wider)])
 
 
 def test_member_count_is_bounded(trained_model, tmp_path, capsys):
@@ -136,6 +148,8 @@ def test_member_count_is_bounded(trained_model, tmp_path, capsys):
         DecoderConfig(16, 30, members=MAX_MEMBERS + 1)
     with pytest.raises(ConfigError, match="one member"):
         Decoder(DecoderConfig(16, 30, members=2))
+    with pytest.raises(ConfigError, match="2 or more members"):
+        DecoderEnsemble(DecoderConfig(16, 30, members=1))
 
 
 def test_config_claiming_more_members_than_stored_is_refused(members, tmp_path):

@@ -25,6 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from captioner import Captioner, CaptionerError, CheckpointError, ConfigError, GenerationConfig, ImageError
+from captioner.cli import main
 from captioner.images import load_image
 from conftest import IN_CI, ROOT, need
 
@@ -357,6 +358,73 @@ def test_cli_usage_mistakes_exit_2_before_any_work(checkpoint_dir, synthetic, ar
 def test_cli_missing_path_is_a_usage_mistake(checkpoint_dir, tmp_path):
     result = run("-m", "captioner", "caption", "--model", str(checkpoint_dir), str(tmp_path / "nope.jpg"))
     assert "nope.jpg: no such file or folder" in one_line_error(result)
+
+
+@pytest.fixture()
+def evaluate_in_process(tmp_path, monkeypatch, capsys):
+    """``evaluate_in_process(*ARGS)``: ``captioner evaluate ARGS`` in this process with a model loader that fails
+    the test if reached; returns (exit status, stdout, stderr)."""
+    def no_model(*args, **kwargs):
+        pytest.fail("a model was loaded before the output files were checked")
+
+    monkeypatch.setattr(Captioner, "from_pretrained", no_model)
+
+    def run_evaluate(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(["evaluate", "--images", str(tmp_path / "images"), "--captions", str(tmp_path / "captions.json"),
+                     *args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run_evaluate
+
+
+def test_evaluate_output_files_are_checked_before_any_captioning(evaluate_in_process, tmp_path):
+    parent_file = tmp_path / "notes.txt"
+    parent_file.write_text("not a folder")
+    cases = [
+        (["--out", str(tmp_path)], f"--out {tmp_path}: not a regular file"),
+        (["--predictions", str(tmp_path)], f"--predictions {tmp_path}: not a regular file"),
+        (["--out", "/dev/null"], "--out /dev/null: not a regular file"),
+        (["--out", str(parent_file / "metrics.json")], f"--out {parent_file}: is a file, not a folder"),
+        (["--predictions", "/proc/predictions.json"], "--predictions /proc: cannot write there"),
+        (["--out", str(tmp_path / "same.json"), "--predictions", str(tmp_path / "same.json")],
+         f"--predictions {tmp_path / 'same.json'} is also --out; choose another file"),
+        (["--out", str(tmp_path / "captions.json")], f"--out {tmp_path / 'captions.json'} is also --captions"),
+    ]
+    for args, message in cases:
+        code, out, err = evaluate_in_process(*args)
+        assert (code, out) == (2, "") and err.startswith(f"error: {message}") and err.count("\n") == 1, (args, err)
+    assert parent_file.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+RESULT = {"metrics": {"BLEU-4": 0.25, "images": 2, "engine": "torch"},
+          "predictions": [{"image_id": 1, "caption": "a dog"}, {"image_id": 2, "caption": "a cat"}]}
+
+
+def test_evaluate_creates_missing_folders_and_writes_whole_files(evaluate_in_process, tmp_path, monkeypatch):
+    monkeypatch.setattr("captioner.evaluation.evaluate", lambda *args, **kwargs: RESULT)
+    out, predictions = tmp_path / "new" / "deeper" / "metrics.json", tmp_path / "other" / "predictions.json"
+    code, stdout, err = evaluate_in_process("--out", str(out), "--predictions", str(predictions))
+    assert (code, err) == (0, "") and "BLEU-4  0.2500" in stdout
+    assert json.loads(out.read_text()) == RESULT["metrics"]
+    assert json.loads(predictions.read_text()) == RESULT["predictions"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["metrics.json"]  # no temporary, no probe left
+
+
+def test_evaluate_write_failure_is_one_line_and_keeps_the_previous_file(evaluate_in_process, tmp_path, monkeypatch):
+    monkeypatch.setattr("captioner.evaluation.evaluate", lambda *args, **kwargs: RESULT)
+    out = tmp_path / "metrics.json"
+    out.write_text('{"BLEU-4": 0.1}\n')
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    code, stdout, err = evaluate_in_process("--out", str(out))
+    assert (code, err) == (2, f"error: --out {out}: cannot write (No space left on device)\n")
+    assert "BLEU-4  0.2500" in stdout  # the scores were printed before the file failed
+    assert out.read_text() == '{"BLEU-4": 0.1}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
 @pytest.mark.slow

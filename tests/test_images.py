@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from captioner.errors import ImageError
-from captioner.images import MAX_IMAGE_PIXELS, load_image
+from captioner.images import MAX_IMAGE_PIXELS, describe, load_image
 from synthetic import png_header
 
 
@@ -139,3 +139,21 @@ def test_any_generated_image_loads_as_rgb(width, height, mode, fmt, seed):
             return  # this format cannot store this mode; nothing to load
     result = load_image(source)
     assert result.mode == "RGB" and result.size == (width, height)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_float_tiff_with_nan_or_infinity_is_refused_not_black(tmp_path, recwarn, bad):
+    """A 32-bit float TIFF (mode F) is stretched over 0-255 by its range: NaN or infinity would make it all black."""
+    values = np.linspace(0, 1, 40 * 30, dtype=np.float32).reshape(30, 40)
+    values[3, 5] = bad
+    path = tmp_path / "depth.tif"
+    Image.fromarray(values, mode="F").save(path, "TIFF")
+    assert Image.open(path).mode == "F"
+    for source in (path, path.read_bytes(), Image.open(path)):
+        with pytest.raises(ImageError) as error:
+            load_image(source)
+        assert str(error.value) == f"{describe(source)}: image contains NaN or infinite values"
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]  # numpy's invalid-value warnings
+    values[3, 5] = 0.5
+    Image.fromarray(values, mode="F").save(path, "TIFF")
+    assert np.asarray(load_image(path)).max() == 255

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +219,43 @@ def test_graph_files_in_a_checkpoint_are_never_executed(exported, engines, test_
     assert model.caption(test_images[:4]) == engines[0].caption(test_images[:4])
     assert main(["caption", str(test_images[0]), "--model", str(folder), "--json", "-q"]) == 0
     assert "alice" not in capsys.readouterr().out
+
+
+def huge_graphs(folder: Path) -> None:
+    """A 5 GB sparse encoder.onnx, a Loop of 10^12 iterations and an Expand to 2^31 floats, in ``folder``."""
+    from onnx import TensorProto, helper
+
+    with open(folder / ENCODER_ONNX, "wb") as handle:
+        handle.truncate(5 << 30)
+    body = helper.make_graph([helper.make_node("Identity", ["condition"], ["condition_out"])], "body",
+                             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                              helper.make_tensor_value_info("condition", TensorProto.BOOL, [])],
+                             [helper.make_tensor_value_info("condition_out", TensorProto.BOOL, [])])
+    trips = helper.make_tensor("trips", TensorProto.INT64, [], [10 ** 12])
+    keep_going = helper.make_tensor("keep_going", TensorProto.BOOL, [], [True])
+    loop = helper.make_graph([helper.make_node("Loop", ["trips", "keep_going"], [], body=body)], "loop", [], [],
+                             [trips, keep_going])
+    onnx.save(helper.make_model(loop, opset_imports=[helper.make_opsetid("", 17)]), str(folder / DECODER_STEP_ONNX))
+    shape = helper.make_tensor("shape", TensorProto.INT64, [1], [1 << 31])
+    one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    out = helper.make_tensor_value_info("h", TensorProto.FLOAT, [1 << 31])
+    expand = helper.make_graph([helper.make_node("Expand", ["one", "shape"], ["h"])], "expand", [], [out], [one, shape])
+    onnx.save(helper.make_model(expand, opset_imports=[helper.make_opsetid("", 17)]), str(folder / DECODER_INIT_ONNX))
+
+
+def test_huge_and_endless_graphs_in_a_checkpoint_cost_nothing(exported, test_images, tmp_path):
+    """Bounds measured on a real process: it finishes (the timeout is a hang guard, not a speed target) and its
+    peak memory is a photo's, not the 5 GB file's or the 8 GiB Expand's."""
+    folder = shutil.copytree(exported, tmp_path / "huge", ignore=shutil.ignore_patterns("*.onnx"))
+    huge_graphs(folder)
+    command = ("import resource, sys; from captioner.cli import main; status = main(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(status)")
+    result = subprocess.run([sys.executable, "-c", command, "caption", str(test_images[0]), "--model", str(folder),
+                             "--engine", "onnx", "--json", "-q"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["captions"][0]["text"]
+    peak_kib = int(result.stderr.split()[-1])
+    assert peak_kib < 2 << 20, f"peak memory {peak_kib / 1024:.0f} MB"
 
 
 def test_a_tampered_graph_beside_its_weights_changes_nothing(exported, engines, test_images, tmp_path):

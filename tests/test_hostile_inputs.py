@@ -109,8 +109,11 @@ def test_thin_images_are_cropped_before_resizing(trained_model, tmp_path, size):
 
 
 def peak_memory_mb(code: str) -> float:
-    """Run ``code`` in a fresh interpreter and return its peak resident memory in MB."""
-    script = code + "\nimport resource; print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    """Run ``code`` in a fresh interpreter and return its peak resident memory in MB.
+
+    ``VmHWM``, not ``ru_maxrss``: the latter keeps the peak of the process it was forked from (pytest's)."""
+    script = code + ("\nimport re; from pathlib import Path\n"
+                     "print('PEAK', int(re.search(r'VmHWM:\\s*(\\d+)', Path('/proc/self/status').read_text())[1]) / 1024)")
     result = run("-c", script)
     assert result.returncode == 0, result.stderr[-2000:]
     return float(result.stdout.split("PEAK")[-1])

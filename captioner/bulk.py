@@ -46,7 +46,7 @@ from typing import BinaryIO, NamedTuple, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .bounds import check_value, read_bounded
+from .bounds import check_value, open_regular, read_bounded, read_limited
 from .checkpoint import check_writable
 from .decoding import Caption, GenerationConfig
 from .distributed import launched_rank
@@ -119,14 +119,14 @@ def read_file_list(source: str) -> list[str]:
 
     Entries are taken as files, unchecked: one that is missing or unreadable gets an error record like any
     bad image. Bounds: ``MAX_LIST_BYTES``, ``MAX_LIST_LINES`` paths, ``MAX_PATH_BYTES`` per line, no NUL byte.
+    A file must be a regular one (:func:`read_bounded`); a pipe is read as standard input.
     """
     name = "--files-from " + ("standard input" if source == "-" else source)
     if source == "-":
-        raw = sys.stdin.buffer.read(MAX_LIST_BYTES + 1)
-        if len(raw) > MAX_LIST_BYTES:
-            raise ConfigError(f"{name}: file list larger than {MAX_LIST_BYTES} bytes")
+        raw = read_limited(sys.stdin.buffer, MAX_LIST_BYTES, name, "file list")
     else:
-        raw = read_bounded(source, MAX_LIST_BYTES, name, "file list")
+        raw = read_bounded(source, MAX_LIST_BYTES, name, "file list",
+                           "; give a file, or pipe the list to --files-from -")
     files: list[str] = []
     for number, line in enumerate(raw.split(b"\n"), 1):
         line = line.removesuffix(b"\r")
@@ -430,7 +430,7 @@ def merge(files: Sequence[str], parts: Sequence[Path], out: Path) -> int:
         raise ConfigError(f"no parts to merge: give --parts, or run under torchrun first ({part_path(out, 0)}...)")
     if any(out.resolve() == part.resolve() for part in parts):
         raise ConfigError(f"--out {out} is one of the parts; merge into another file")
-    handles = [_open_part(part) for part in parts]
+    handles = [open_regular(part, str(part), "part") for part in parts]
     try:
         found: dict[str, tuple[BinaryIO, Entry]] = {}
         twice: list[str] = []
@@ -463,13 +463,6 @@ def merge(files: Sequence[str], parts: Sequence[Path], out: Path) -> int:
     failed = sum(found[file][1].failed for file in files)
     log.info("%s: %d records from %d parts (%d errors)", out, len(files), len(parts), failed)
     return failed
-
-
-def _open_part(part: Path) -> BinaryIO:
-    try:
-        return open(part, "rb")
-    except OSError as exc:
-        raise ConfigError(f"{part}: cannot read the part ({exc.strerror or exc})") from None
 
 
 def _check_complete(files: Sequence[str], found: dict, twice: list[str]) -> None:

@@ -6,10 +6,13 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -61,6 +64,43 @@ def test_file_list_skips_blank_lines_and_bounds_its_lines(tmp_path, monkeypatch)
         read_file_list(str(listing))
     with pytest.raises(ConfigError, match=f"--files-from {tmp_path}/missing.txt: file list not found"):
         read_file_list(str(tmp_path / "missing.txt"))
+
+
+@contextmanager
+def within(seconds: int) -> Iterator[None]:
+    """Fail instead of blocking: SIGALRM interrupts a blocked open or read (an AssertionError, which no code
+    under test catches as it might an OSError)."""
+    def fail(*_):
+        raise AssertionError(f"blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_file_list_and_parts_must_be_regular_files_refused_before_reading(tmp_path, monkeypatch):
+    """A pipe without a writer would block forever, a device (/dev/zero) never ends: both refused unread."""
+    fifo, server = tmp_path / "fifo", socket.socket(socket.AF_UNIX)
+    os.mkfifo(fifo)
+    server.bind(str(tmp_path / "socket"))
+    hint = "; give a file, or pipe the list to --files-from -"
+    with within(10), server:
+        for source, kind in ((fifo, "a pipe"), ("/dev/null", "a device"), (tmp_path, "a folder"),
+                             (tmp_path / "socket", "a socket or device")):
+            with pytest.raises(ConfigError) as error:
+                read_file_list(str(source))
+            assert str(error.value) == f"--files-from {source}: file list is not a regular file ({kind}){hint}"
+        with pytest.raises(ConfigError, match=f"^{fifo}: part is not a regular file \\(a pipe\\)$"):
+            merge(["a.jpg"], [fifo], tmp_path / "all.jsonl")
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"\xef\xbb\xbfa.jpg\nb.jpg\n")  # a UTF-8 BOM, as Windows editors write
+    assert read_file_list(str(listing)) == ["a.jpg", "b.jpg"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbfx.jpg\n")))
+    assert read_file_list("-") == ["x.jpg"]
 
 
 def test_torn_last_line_is_cut_off_and_nothing_else_changes(tmp_path):

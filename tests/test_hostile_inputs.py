@@ -357,6 +357,20 @@ def test_cli_usage_mistakes_exit_2_before_any_work(checkpoint_dir, synthetic, ar
 
 
 @pytest.mark.slow
+def test_files_from_a_device_is_refused_unread():
+    """/dev/zero as the list once grew to 2.8 GB before being refused; now it is refused before any read."""
+    peak = peak_memory_mb(
+        "from captioner import ConfigError\n"
+        "from captioner.bulk import read_file_list\n"
+        "try:\n"
+        "    read_file_list('/dev/zero')\n"
+        "except ConfigError as error:\n"
+        "    assert str(error).startswith('--files-from /dev/zero: file list is not a regular file (a device)')\n")
+    print(f"peak memory, --files-from /dev/zero: {peak:.0f} MB")
+    assert peak < 1500  # importing the package takes about 700 MB; reading to the bound, 2 GiB more
+
+
+@pytest.mark.slow
 def test_cli_missing_path_is_a_usage_mistake(checkpoint_dir, tmp_path):
     result = run("-m", "captioner", "caption", "--model", str(checkpoint_dir), str(tmp_path / "nope.jpg"))
     assert "nope.jpg: no such file or folder" in one_line_error(result)

@@ -18,8 +18,9 @@ The output is JSON lines, one record per input file, in input order::
 read gets an ``error`` record instead, and is not retried by a rerun.
 
 Resume: a rerun with the same ``--out`` skips every file that already has a record there. A last line
-without its newline (torn by a kill) is cut off, and that file is captioned again; nothing else in an
-existing file is ever changed, and a file that is not captioner JSONL is refused.
+without its newline (torn by a kill) after a complete record is cut off, and that file is captioned
+again; nothing else in an existing file is ever changed, and a file that is not captioner JSONL is
+refused.
 
 Shards: ``--shard I/N`` takes files ``I, I+N, I+2N, ...`` of the input list (after folders are expanded
 and duplicates dropped), so the same command on N machines splits the work. Under ``torchrun`` each
@@ -172,21 +173,26 @@ class Entry(NamedTuple):
 def scan_records(path: Path, handle: BinaryIO) -> tuple[list[Entry], int]:
     """The complete records of captioner JSONL ``handle``, and where they end: before a torn last line, if any.
 
-    A torn last line (no newline: a write cut short by a kill) must look like the start of a record;
-    anything else that is not a record means the file is not ours: :class:`OutputError`.
+    A torn last line (no newline: a write cut short by a kill) must look like the start of a record and
+    follow a complete one: a file of one unfinished line may well be someone else's (``{"file": ...``
+    cut by a tool, a lone ``{``), and holds no record anyway. Anything else that is not a record means the
+    file is not ours: :class:`OutputError`, saying to delete the file if a run was killed in its first write.
     """
     entries: list[Entry] = []
     offset = number = 0
     handle.seek(0)
     while line := handle.readline(MAX_RECORD_BYTES + 1):
         number += 1
-        if not line.endswith(b"\n") and len(line) <= MAX_RECORD_BYTES and (
-                line.startswith(RECORD_START) or RECORD_START.startswith(line)):
+        torn = not line.endswith(b"\n") and len(line) <= MAX_RECORD_BYTES and (
+            line.startswith(RECORD_START) or RECORD_START.startswith(line))
+        if torn and entries:
             break  # readline stops short of a newline only at the end of the file
         record = _parse_record(line)
         if record is None:
-            raise OutputError(f"{path}: not a captioner JSONL file (line {number} is not a record); "
-                              "refusing to change it, choose another file")
+            problem = "its only line is an unfinished record: delete the file if a run was killed writing it" if torn \
+                else f"line {number} is not a record"
+            raise OutputError(f"{path}: not a captioner JSONL file ({problem}); refusing to change it, choose "
+                              "another file")
         entries.append(Entry(record["file"], "error" in record, offset, offset + len(line)))
         offset += len(line)
     return entries, offset

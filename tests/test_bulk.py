@@ -126,6 +126,18 @@ def test_a_file_that_is_not_ours_is_refused_untouched(tmp_path, content):
     assert out.read_bytes() == content
 
 
+@pytest.mark.parametrize("content", [b'{"file": ', b"{", record_line("a.jpg")[:-1]])
+def test_one_unfinished_line_alone_is_not_a_torn_record_of_ours(tmp_path, content):
+    """A torn line is cut only after a complete record: alone, it may be anyone's, and holds nothing of ours."""
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(content)
+    with pytest.raises(OutputError) as error:
+        JsonlFile(out)
+    assert str(error.value) == (f"{out}: not a captioner JSONL file (its only line is an unfinished record: delete "
+                                "the file if a run was killed writing it); refusing to change it, choose another file")
+    assert out.read_bytes() == content
+
+
 @pytest.mark.slow
 def test_one_writer_at_a_time_and_a_killed_one_holds_nothing(tmp_path):
     out = tmp_path / "captions.jsonl"

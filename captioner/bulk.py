@@ -20,7 +20,7 @@ read gets an ``error`` record instead, and is not retried by a rerun.
 Resume: a rerun with the same ``--out`` skips every file that already has a record there. A last line
 without its newline (torn by a kill) after a complete record is cut off, and that file is captioned
 again; nothing else in an existing file is ever changed, and a file that is not captioner JSONL is
-refused.
+refused. ``--out`` itself is never captioned, should it be among the inputs.
 
 Shards: ``--shard I/N`` takes files ``I, I+N, I+2N, ...`` of the input list (after folders are expanded
 and duplicates dropped), so the same command on N machines splits the work. Under ``torchrun`` each
@@ -38,7 +38,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +155,33 @@ def collect_inputs(paths: Sequence[str], files_from: str | None = None) -> list[
     return unique
 
 
+def without_outputs(files: Sequence[str], outputs: Sequence[Path], known: Container[str], what: str) -> list[str]:
+    """``files`` less those that are one of ``outputs`` (existing files) under whatever name: the same, another
+    spelling, a symbolic or hard link; each one left out is logged as ``what``.
+
+    A run never captions the file it writes (no image, and growing), and ``merge`` expects no record of its
+    parts. Applied to a process's share, after the split into shards and ranks, so that the split stays the
+    same in every process. Files in ``known`` (with a record already) are kept unchecked; each other one costs
+    a ``stat``, as loading it would.
+    """
+    ids = {(found.st_dev, found.st_ino) for found in map(os.stat, outputs)}
+
+    def is_output(file: str) -> bool:
+        try:
+            found = os.stat(file)
+        except OSError:
+            return False
+        return (found.st_dev, found.st_ino) in ids
+
+    kept = []
+    for file in files:
+        if file not in known and is_output(file):
+            log.warning("%s is %s; it is left out of the inputs", file, what)
+        else:
+            kept.append(file)
+    return kept
+
+
 def check_workers(num_workers: object) -> int:
     """``--num-workers``: an integer from 0 to ``MAX_WORKERS``, or :class:`ConfigError`."""
     return check_value("--num-workers", num_workers, "int", (0, MAX_WORKERS))
@@ -222,16 +249,32 @@ def caption_record(file: str, captions: list[Caption], labels: list[tuple[str, f
 class Writer(Protocol):
     done: dict[str, bool]  # files with a record already (True: an error record)
 
+    @property
+    def path(self) -> Path | None: ...  # the file written, if any
+
     def write(self, records: list[dict]) -> None: ...
 
     def close(self) -> None: ...
+
+
+_LOCKS: set[int] = set()  # the descriptors of the --out locks this process holds
+
+
+def _leave_locks_to_parent() -> None:
+    """In a forked child (a DataLoader worker), close the copies of the lock descriptors: a ``flock`` lasts
+    while any copy is open, and the lock must end with the process that holds it, not with its last worker."""
+    while _LOCKS:
+        os.close(_LOCKS.pop())
+
+
+os.register_at_fork(after_in_child=_leave_locks_to_parent)
 
 
 class JsonlFile:
     """Appends records to ``path``, one flushed write per batch, holding an exclusive lock on it.
 
     Opening checks the folder (written, synced and deleted probe), refuses what is not a regular file or not
-    captioner JSONL, cuts a torn last line off and notes the files already done.
+    captioner JSONL, takes the lock (:meth:`_lock`), cuts a torn last line off and notes the files already done.
     """
 
     def __init__(self, path: Path):
@@ -243,21 +286,41 @@ class JsonlFile:
             self.handle = open(path, "a+b")
         except OSError as exc:
             raise OutputError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
+        self.lock: int | None = None
         try:
+            self.lock = self._lock()
             self.done = self._claim()
         except BaseException as exc:
-            self.handle.close()
+            self.close()
             if isinstance(exc, OSError):
                 raise OutputError(f"--out {path}: cannot lock or read it ({exc.strerror or exc})") from None
             raise
 
+    def _lock(self) -> int:
+        """An exclusive ``flock`` on a descriptor of its own, which nothing else in this process touches.
+
+        The kernel drops it when this process ends, however it ends, so a rerun after a kill is let in at once.
+        Nothing else drops it: a POSIX lock (``lockf``) ends when the process closes any descriptor of the file,
+        as the image loader did with an ``--out`` among the inputs, letting a second run in. Forked loader
+        workers, which would keep a ``flock`` alive past this process, close their copy
+        (:func:`_leave_locks_to_parent`).
+        """
+        descriptor = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if not os.path.samestat(os.fstat(descriptor), os.fstat(self.handle.fileno())):
+                raise OutputError(f"--out {self.path}: replaced by another file while being opened; run again")
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException as exc:
+            os.close(descriptor)
+            if isinstance(exc, BlockingIOError):
+                raise OutputError(f"--out {self.path}: another captioner is writing to it; wait for it or choose "
+                                  "another --out") from None
+            raise
+        _LOCKS.add(descriptor)
+        return descriptor
+
     def _claim(self) -> dict[str, bool]:
-        """Lock the file, cut a torn last line off, and return the files it has records of."""
-        try:  # a POSIX lock: the kernel drops it when this process ends, though forked loader workers linger
-            fcntl.lockf(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):
-            raise OutputError(f"--out {self.path}: another captioner is writing to it; wait for it or choose "
-                              "another --out") from None
+        """Cut a torn last line off, and return the files the file has records of."""
         entries, end = scan_records(self.path, self.handle)
         size = self.handle.seek(0, os.SEEK_END)
         if end < size:
@@ -275,11 +338,18 @@ class JsonlFile:
                               "far are kept, rerun the same command to resume") from None
 
     def close(self) -> None:
+        """Flush and close the file, then release the lock, so that no run gets in before the last records."""
         self.handle.close()
+        if self.lock is not None:
+            _LOCKS.discard(self.lock)
+            os.close(self.lock)
+            self.lock = None
 
 
 class StandardOutput:
     """Records on stdout: JSON lines, or ``file<TAB>caption`` per caption (errors go to stderr only)."""
+
+    path: Path | None = None  # nothing is written to a file
 
     def __init__(self, json_lines: bool):
         self.json_lines = json_lines
@@ -393,8 +463,11 @@ def caption_files(model: Captioner, files: Sequence[str], writer: Writer, config
                   batch_size: int = 32, num_workers: int = 0, labels: bool = True) -> Summary:
     """Caption the ``files`` that ``writer`` has no record of yet, writing each batch's records as it is done.
 
-    Each bad file is reported on stderr as it comes; progress (photos/s, ETA) shows on a terminal.
+    The file ``writer`` writes is not captioned if it is among ``files``. Each bad file is reported on stderr
+    as it comes; progress (photos/s, ETA) shows on a terminal.
     """
+    if writer.path is not None:
+        files = without_outputs(files, [writer.path], writer.done, "the file this run writes")
     todo = [file for file in files if file not in writer.done]
     failed = sum(writer.done.get(file, False) for file in files)
     started = time.perf_counter()
@@ -428,7 +501,8 @@ def merge(files: Sequence[str], parts: Sequence[Path], out: Path) -> int:
     """Join the records of ``parts`` into ``out`` in the order of ``files``; returns the number of error records.
 
     Every file must have exactly one record among the parts, and the parts no other record
-    (:class:`DataError` otherwise, naming counts and examples). ``out`` is written under a temporary
+    (:class:`DataError` otherwise, naming counts and examples); a part among the files needs none, as
+    caption runs leave out the file they write. ``out`` is written under a temporary
     name and renamed into place; an existing ``out`` is replaced only when it is captioner JSONL whose
     files all have a record in the merge, so nothing it holds is lost.
     """
@@ -448,6 +522,7 @@ def merge(files: Sequence[str], parts: Sequence[Path], out: Path) -> int:
                 if entry.file in found:
                     twice.append(entry.file)
                 found.setdefault(entry.file, (handle, entry))
+        files = without_outputs(files, parts, found, "one of the parts")
         _check_complete(files, found, twice)
         _keep_nothing_lost(out, found)
         temporary = out.with_name(f".{out.name}.tmp-{os.getpid()}")

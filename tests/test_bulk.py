@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.bulk import (MAX_PATH_BYTES, RECORD_START, JsonlFile, Shard, caption_records, collect_inputs, merge,
-                            read_file_list)
+from captioner.bulk import (MAX_PATH_BYTES, RECORD_START, JsonlFile, Shard, caption_files,
+                            caption_records, collect_inputs, merge, read_file_list)
 from captioner.cli import main
 from captioner.errors import ConfigError, DataError, OutputError
 from captioner.runtime import stage_threads
@@ -154,6 +154,31 @@ def test_one_writer_at_a_time_and_a_killed_one_holds_nothing(tmp_path):
     JsonlFile(out).close()  # the kernel released the lock with the killed process
 
 
+@pytest.mark.slow
+def test_the_lock_survives_other_descriptors_of_the_file_and_ends_with_its_process(tmp_path):
+    """Closing another descriptor of --out (the image loader opening it as an input did) keeps the lock, and a
+    forked child (a loader worker) still alive when the holder is killed does not keep it."""
+    out = tmp_path / "captions.jsonl"
+    hold = ("import os, sys, time; from pathlib import Path; from captioner.bulk import JsonlFile; "
+            "writer = JsonlFile(Path(sys.argv[1])); open(sys.argv[1], 'rb').close(); child = os.fork(); "
+            "child or time.sleep(600); print(child, flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        child = int(holder.stdout.readline())
+        with pytest.raises(OutputError, match="another captioner is writing to it"):
+            JsonlFile(out)
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)  # the child outlives its parent
+        JsonlFile(out).close()
+    finally:
+        holder.kill()
+        holder.wait()
+        if child:
+            os.kill(child, signal.SIGKILL)
+
+
 def test_merge_follows_the_inputs_and_refuses_gaps_twins_and_strangers(tmp_path):
     parts = [tmp_path / "p0.jsonl", tmp_path / "p1.jsonl"]
     parts[0].write_bytes(record_line("c.jpg") + record_line("a.jpg"))
@@ -177,6 +202,11 @@ def test_merge_follows_the_inputs_and_refuses_gaps_twins_and_strangers(tmp_path)
     with pytest.raises(OutputError, match=r"holds 1 records the merge would not \(e.g. z.jpg\)"):
         merge(["a.jpg", "b.jpg", "c.jpg"], parts, out)
     assert out.read_bytes() == record_line("z.jpg")
+    out.unlink()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(parts[1])  # caption runs leave out the file they write, so no part has a record of one
+    assert merge(["a.jpg", str(parts[0]), "b.jpg", str(link), "c.jpg"], parts, out) == 0
+    assert out.read_bytes() == record_line("a.jpg") + record_line("b.jpg") + record_line("c.jpg")
 
 
 @pytest.fixture
@@ -272,6 +302,22 @@ def test_batches_are_encoded_one_ahead_on_half_the_threads(trained_model, synthe
     assert [r["file"] for batch in batches for r in batch] == files
     assert all(name.startswith("encode") for name in encoded) and len(encoded) == 4
     assert seen_threads == [stage_threads()] * 4 and torch.get_num_threads() == before
+
+
+def test_out_among_the_inputs_is_not_captioned_under_any_name(trained_model, image, tmp_path):
+    """The file being written is never loaded as an image: by its name, another spelling, a symbolic or hard link."""
+    out = tmp_path / "captions.jsonl"
+    writer = JsonlFile(out)
+    (tmp_path / "symbolic.jsonl").symlink_to(out)
+    os.link(out, tmp_path / "hard.jpg")
+    files = [str(out), str(image), str(tmp_path / "symbolic.jsonl"), str(tmp_path / "hard.jpg"),
+             f"{tmp_path}/./captions.jsonl"]
+    try:
+        summary = caption_files(trained_model, files, writer, trained_model.generation_config, num_workers=0)
+    finally:
+        writer.close()
+    assert [json.loads(line)["file"] for line in out.read_bytes().splitlines()] == [str(image)]
+    assert (summary.files, summary.captioned, summary.failed) == (1, 1, 0)
 
 
 @pytest.mark.slow

@@ -347,7 +347,11 @@ class JsonlFile:
 
 
 class StandardOutput:
-    """Records on stdout: JSON lines, or ``file<TAB>caption`` per caption (errors go to stderr only)."""
+    """Records on stdout: JSON lines, or ``file<TAB>caption`` per caption (errors go to stderr only).
+
+    Lines are written as bytes, each file name as the bytes it has on disk (:func:`os.fsencode`), so that
+    any name prints, whatever stdout's encoding, and names the very file (JSON escapes them instead).
+    """
 
     path: Path | None = None  # nothing is written to a file
 
@@ -356,13 +360,14 @@ class StandardOutput:
         self.done: dict[str, bool] = {}
 
     def write(self, records: list[dict]) -> None:
-        for record in records:
-            if self.json_lines:
-                print(json.dumps(record))
-            else:
-                for caption in record.get("captions", []):
-                    print(f"{record['file']}\t{caption['text']}")
-        sys.stdout.flush()
+        if self.json_lines:
+            lines = [json.dumps(record) for record in records]
+        else:
+            lines = [f"{record['file']}\t{caption['text']}" for record in records
+                     for caption in record.get("captions", [])]
+        sys.stdout.flush()  # anything printed before goes first
+        sys.stdout.buffer.write(b"".join(os.fsencode(line) + b"\n" for line in lines))
+        sys.stdout.buffer.flush()
 
     def close(self) -> None:
         sys.stdout.flush()

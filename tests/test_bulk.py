@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.bulk import (MAX_PATH_BYTES, RECORD_START, JsonlFile, Shard, caption_files,
+from captioner.bulk import (MAX_PATH_BYTES, RECORD_START, JsonlFile, Shard, StandardOutput, caption_files,
                             caption_records, collect_inputs, merge, read_file_list)
 from captioner.cli import main
 from captioner.errors import ConfigError, DataError, OutputError
@@ -207,6 +207,16 @@ def test_merge_follows_the_inputs_and_refuses_gaps_twins_and_strangers(tmp_path)
     link.symlink_to(parts[1])  # caption runs leave out the file they write, so no part has a record of one
     assert merge(["a.jpg", str(parts[0]), "b.jpg", str(link), "c.jpg"], parts, out) == 0
     assert out.read_bytes() == record_line("a.jpg") + record_line("b.jpg") + record_line("c.jpg")
+
+
+def test_tab_output_prints_any_file_name_as_its_bytes(monkeypatch):
+    """A name that is not UTF-8 prints as its bytes, even on a strict UTF-8 stdout (PYTHONIOENCODING=utf-8:strict)."""
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    name = os.fsdecode(b"caf\xe9.jpg")  # Latin-1
+    for json_lines in (False, True):
+        StandardOutput(json_lines).write([json.loads(record_line(name))])
+    assert stdout.buffer.getvalue() == b"caf\xe9.jpg\ta dog runs\n" + record_line(name)
 
 
 @pytest.fixture

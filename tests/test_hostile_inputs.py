@@ -357,6 +357,23 @@ def test_cli_usage_mistakes_exit_2_before_any_work(checkpoint_dir, synthetic, ar
 
 
 @pytest.mark.slow
+def test_file_names_that_are_not_utf8_print_on_a_strict_stdout(checkpoint_dir, synthetic, tmp_path):
+    """Tab output writes a name as its bytes; the error line on stderr escapes it; no UnicodeEncodeError."""
+    good, bad = tmp_path / os.fsdecode(b"caf\xe9.png"), tmp_path / os.fsdecode(b"\xffbroken.jpg")
+    shutil.copy(sorted((synthetic / "images").glob("test_*.png"))[0], good)
+    bad.write_bytes(b"not an image")
+    result = subprocess.run([sys.executable, "-m", "captioner", "caption", "-q", "--model", str(checkpoint_dir),
+                             str(good), str(bad)], cwd=ROOT, capture_output=True, timeout=240,
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert result.returncode == 1 and b"Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stdout.startswith(os.fsencode(good) + b"\t") and result.stdout.count(b"\n") == 1
+    errors = result.stderr.decode("ascii").splitlines()
+    assert errors[0].startswith("error: ") and errors[0].endswith("\\udcffbroken.jpg: not an image "
+                                                                    "(unrecognised file format)"), errors
+    assert errors[1:] == ["error: 1 of 2 images could not be captioned"]
+
+
+@pytest.mark.slow
 def test_files_from_a_device_is_refused_unread():
     """/dev/zero as the list once grew to 2.8 GB before being refused; now it is refused before any read."""
     peak = peak_memory_mb(

@@ -52,7 +52,7 @@ from .checkpoint import check_writable
 from .decoding import Caption, GenerationConfig
 from .distributed import launched_rank
 from .errors import ConfigError, DataError, OutputError
-from .features import ImageBatch, image_batches
+from .features import ImageBatch, image_batches, loader_deaths
 from .images import IMAGE_EXTENSIONS
 from .model import Captioner
 from .runtime import stage_threads, torch_threads
@@ -469,15 +469,18 @@ def caption_files(model: Captioner, files: Sequence[str], writer: Writer, config
     """Caption the ``files`` that ``writer`` has no record of yet, writing each batch's records as it is done.
 
     The file ``writer`` writes is not captioned if it is among ``files``. Each bad file is reported on stderr
-    as it comes; progress (photos/s, ETA) shows on a terminal.
+    as it comes; progress (photos/s, ETA) shows on a terminal. A loader process that dies (killed) stops the
+    run with a :class:`LoaderError`; the records written are kept.
     """
     if writer.path is not None:
         files = without_outputs(files, [writer.path], writer.done, "the file this run writes")
     todo = [file for file in files if file not in writer.done]
     failed = sum(writer.done.get(file, False) for file in files)
     started = time.perf_counter()
+    resume = "the records written so far are kept, rerun the same command to resume" if writer.path else \
+        "rerun the command"
     with tqdm(total=len(files), initial=len(files) - len(todo), unit="photo", desc="captioning",
-              dynamic_ncols=True, disable=None) as bar:
+              dynamic_ncols=True, disable=None) as bar, loader_deaths(resume):
         for records in caption_records(model, todo, config, batch_size, num_workers, labels):
             writer.write(records)
             for record in records:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from PIL import Image
 from captioner.bulk import (MAX_PATH_BYTES, RECORD_START, JsonlFile, Shard, StandardOutput, caption_files,
                             caption_records, collect_inputs, merge, read_file_list)
 from captioner.cli import main
+from captioner.encoder import Encoder
 from captioner.errors import ConfigError, DataError, OutputError
 from captioner.runtime import stage_threads
 from conftest import ROOT
@@ -328,6 +330,32 @@ def test_out_among_the_inputs_is_not_captioned_under_any_name(trained_model, ima
         writer.close()
     assert [json.loads(line)["file"] for line in out.read_bytes().splitlines()] == [str(image)]
     assert (summary.files, summary.captioned, summary.failed) == (1, 1, 0)
+
+
+def test_a_killed_loader_worker_is_one_line_and_the_rerun_resumes(trained_run, synthetic, tmp_path, monkeypatch,
+                                                                   capsys):
+    files = [str(p) for p in sorted((synthetic / "images").glob("test_*.png"))[:6]]
+    out, main_pid = tmp_path / "captions.jsonl", os.getpid()
+    pixels = Encoder.pixels
+
+    def killed_at_the_fifth(self, path, *args, **kwargs):  # the worker processes inherit it (forked)
+        if path == files[4] and os.getpid() != main_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return pixels(self, path, *args, **kwargs)
+
+    command = ["caption", *files, "--out", str(out), "--model", str(trained_run / "best"), "--batch-size", "2", "-q"]
+    monkeypatch.setattr(Encoder, "pixels", killed_at_the_fifth)
+    assert main([*command, "--num-workers", "1"]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and re.fullmatch(r"error: an image loading process died \(worker \(pid.*\); the records "
+                                             r"written so far are kept, rerun the same command to resume", errors[0])
+    kept = out.read_bytes()
+    assert not kept or kept.endswith(b"\n")  # whole records only
+    monkeypatch.setattr(Encoder, "pixels", pixels)
+    assert main([*command, "--num-workers", "0"]) == 0
+    records = out.read_bytes()
+    assert [json.loads(line)["file"] for line in records.splitlines()] == files
+    assert records.startswith(kept) and len(kept.splitlines()) <= 4  # kept: the batches before the fifth file's
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ the merged file, and it checks that every input file has exactly one record amon
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import logging
 import os
@@ -501,7 +502,8 @@ def caption_files(model: Captioner, files: Sequence[str], writer: Writer, config
 def default_parts(out: Path) -> list[Path]:
     """The torchrun parts of ``out`` (``captions.rank-K.jsonl``), by rank."""
     pattern = re.compile(re.escape(out.stem) + r"\.rank-(\d+)" + re.escape(out.suffix))
-    found = [(int(m[1]), p) for p in out.parent.glob(f"{out.stem}.rank-*{out.suffix}") if (m := pattern.fullmatch(p.name))]
+    candidates = out.parent.glob(f"{glob.escape(out.stem)}.rank-*{glob.escape(out.suffix)}")
+    found = [(int(m[1]), p) for p in candidates if (m := pattern.fullmatch(p.name))]
     return [path for _, path in sorted(found)]
 
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from captioner.bulk import (MAX_PATH_BYTES, RECORD_START, JsonlFile, Shard, StandardOutput, caption_files,
-                            caption_records, collect_inputs, merge, read_file_list)
+                            caption_records, collect_inputs, default_parts, merge, read_file_list)
 from captioner.cli import main
 from captioner.encoder import Encoder
 from captioner.errors import ConfigError, DataError, OutputError
@@ -209,6 +209,13 @@ def test_merge_follows_the_inputs_and_refuses_gaps_twins_and_strangers(tmp_path)
     link.symlink_to(parts[1])  # caption runs leave out the file they write, so no part has a record of one
     assert merge(["a.jpg", str(parts[0]), "b.jpg", str(link), "c.jpg"], parts, out) == 0
     assert out.read_bytes() == record_line("a.jpg") + record_line("b.jpg") + record_line("c.jpg")
+
+
+def test_default_parts_are_found_when_out_holds_glob_characters(tmp_path):
+    names = ["caps[v2].rank-0.jsonl", "caps[v2].rank-1.jsonl", "capsv.rank-2.jsonl", "caps[v2].rank-x.jsonl"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert default_parts(tmp_path / "caps[v2].jsonl") == [tmp_path / names[0], tmp_path / names[1]]
 
 
 def test_tab_output_prints_any_file_name_as_its_bytes(monkeypatch):

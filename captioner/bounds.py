@@ -9,10 +9,12 @@ declared. Floats must be finite.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import stat
 from dataclasses import Field, field, fields
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import CaptionerError, ConfigError
 
@@ -96,19 +98,56 @@ def check_options(cls: type, options: dict[str, Any], error: type[CaptionerError
                         where)
 
 
-def read_bounded(path: str | os.PathLike, limit: int, name: str, what: str) -> bytes:
-    """The bytes of file ``path``, at most ``limit`` of them, or a one-line :class:`ConfigError` starting with
-    ``name``: ``<what> not found``, ``cannot read the <what> (reason)`` or ``<what> larger than <limit> bytes``."""
+UTF8_BOM = b"\xef\xbb\xbf"
+_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a pipe", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device",
+          stat.S_IFSOCK: "a socket"}
+
+
+def open_regular(path: str | os.PathLike, name: str, what: str, instead: str = "", pipes: bool = False) -> BinaryIO:
+    """Regular file ``path`` (or, with ``pipes``, a pipe) opened for reading, or a one-line :class:`ConfigError`
+    starting with ``name``: ``<what> not found``, ``cannot read the <what> (reason)`` or ``<what> is not a
+    regular file (a device)`` followed by ``instead``.
+
+    Opened without blocking and checked on the descriptor, not the name (which a rename could change
+    meanwhile), so that a device such as /dev/zero or a folder is refused before anything is read, and
+    a named pipe without a writer reads as empty instead of blocking forever.
+    """
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(limit + 1)
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"{name}: {what} not found") from None
     except OSError as exc:
+        if exc.errno == errno.ENXIO:  # what opening a socket gives
+            raise ConfigError(f"{name}: {what} is not a regular file (a socket or device){instead}") from None
         raise ConfigError(f"{name}: cannot read the {what} ({exc.strerror or exc})") from None
+    mode = os.fstat(descriptor).st_mode
+    if not (stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode))):
+        os.close(descriptor)
+        raise ConfigError(f"{name}: {what} is not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special')}){instead}")
+    os.set_blocking(descriptor, True)
+    return open(descriptor, "rb")
+
+
+def read_limited(handle: BinaryIO, limit: int, name: str, what: str) -> bytes:
+    """At most ``limit`` bytes of ``handle`` (never more than ``limit + 1`` in memory), a leading UTF-8 BOM
+    (which Windows editors write) removed; else ``ConfigError``: ``<name>: <what> larger than <limit> bytes``."""
+    raw = handle.read(limit + 1)
     if len(raw) > limit:
         raise ConfigError(f"{name}: {what} larger than {limit} bytes")
-    return raw
+    return raw.removeprefix(UTF8_BOM)
+
+
+def read_bounded(path: str | os.PathLike, limit: int, name: str, what: str, instead: str = "",
+                 pipes: bool = False) -> bytes:
+    """The bytes of regular file ``path`` (:func:`open_regular`) as :func:`read_limited` gives them; one that is
+    larger than ``limit`` by its size is refused unread."""
+    with open_regular(path, name, what, instead, pipes) as handle:
+        if os.fstat(handle.fileno()).st_size > limit:
+            raise ConfigError(f"{name}: {what} larger than {limit} bytes")
+        try:
+            return read_limited(handle, limit, name, what)
+        except OSError as exc:
+            raise ConfigError(f"{name}: cannot read the {what} ({exc.strerror or exc})") from None
 
 
 def describe_bounds(item) -> str:

@@ -18,8 +18,9 @@ The output is JSON lines, one record per input file, in input order::
 read gets an ``error`` record instead, and is not retried by a rerun.
 
 Resume: a rerun with the same ``--out`` skips every file that already has a record there. A last line
-without its newline (torn by a kill) is cut off, and that file is captioned again; nothing else in an
-existing file is ever changed, and a file that is not captioner JSONL is refused.
+without its newline (torn by a kill) after a complete record is cut off, and that file is captioned
+again; nothing else in an existing file is ever changed, and a file that is not captioner JSONL is
+refused. ``--out`` itself is never captioned, should it be among the inputs.
 
 Shards: ``--shard I/N`` takes files ``I, I+N, I+2N, ...`` of the input list (after folders are expanded
 and duplicates dropped), so the same command on N machines splits the work. Under ``torchrun`` each
@@ -31,13 +32,14 @@ the merged file, and it checks that every input file has exactly one record amon
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import logging
 import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +48,12 @@ from typing import BinaryIO, NamedTuple, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .bounds import check_value, read_bounded
+from .bounds import check_value, open_regular, read_bounded, read_limited
 from .checkpoint import check_writable
 from .decoding import Caption, GenerationConfig
 from .distributed import launched_rank
 from .errors import ConfigError, DataError, OutputError
-from .features import ImageBatch, image_batches
+from .features import ImageBatch, image_batches, loader_deaths
 from .images import IMAGE_EXTENSIONS
 from .model import Captioner
 from .runtime import stage_threads, torch_threads
@@ -119,14 +121,14 @@ def read_file_list(source: str) -> list[str]:
 
     Entries are taken as files, unchecked: one that is missing or unreadable gets an error record like any
     bad image. Bounds: ``MAX_LIST_BYTES``, ``MAX_LIST_LINES`` paths, ``MAX_PATH_BYTES`` per line, no NUL byte.
+    ``source`` is a regular file or a pipe (``--files-from <(find ...)``), never a device or folder
+    (:func:`read_bounded`).
     """
     name = "--files-from " + ("standard input" if source == "-" else source)
     if source == "-":
-        raw = sys.stdin.buffer.read(MAX_LIST_BYTES + 1)
-        if len(raw) > MAX_LIST_BYTES:
-            raise ConfigError(f"{name}: file list larger than {MAX_LIST_BYTES} bytes")
+        raw = read_limited(sys.stdin.buffer, MAX_LIST_BYTES, name, "file list")
     else:
-        raw = read_bounded(source, MAX_LIST_BYTES, name, "file list")
+        raw = read_bounded(source, MAX_LIST_BYTES, name, "file list", "; give a file, a pipe or -", pipes=True)
     files: list[str] = []
     for number, line in enumerate(raw.split(b"\n"), 1):
         line = line.removesuffix(b"\r")
@@ -154,6 +156,33 @@ def collect_inputs(paths: Sequence[str], files_from: str | None = None) -> list[
     return unique
 
 
+def without_outputs(files: Sequence[str], outputs: Sequence[Path], known: Container[str], what: str) -> list[str]:
+    """``files`` less those that are one of ``outputs`` (existing files) under whatever name: the same, another
+    spelling, a symbolic or hard link; each one left out is logged as ``what``.
+
+    A run never captions the file it writes (no image, and growing), and ``merge`` expects no record of its
+    parts. Applied to a process's share, after the split into shards and ranks, so that the split stays the
+    same in every process. Files in ``known`` (with a record already) are kept unchecked; each other one costs
+    a ``stat``, as loading it would.
+    """
+    ids = {(found.st_dev, found.st_ino) for found in map(os.stat, outputs)}
+
+    def is_output(file: str) -> bool:
+        try:
+            found = os.stat(file)
+        except OSError:
+            return False
+        return (found.st_dev, found.st_ino) in ids
+
+    kept = []
+    for file in files:
+        if file not in known and is_output(file):
+            log.warning("%s is %s; it is left out of the inputs", file, what)
+        else:
+            kept.append(file)
+    return kept
+
+
 def check_workers(num_workers: object) -> int:
     """``--num-workers``: an integer from 0 to ``MAX_WORKERS``, or :class:`ConfigError`."""
     return check_value("--num-workers", num_workers, "int", (0, MAX_WORKERS))
@@ -172,21 +201,26 @@ class Entry(NamedTuple):
 def scan_records(path: Path, handle: BinaryIO) -> tuple[list[Entry], int]:
     """The complete records of captioner JSONL ``handle``, and where they end: before a torn last line, if any.
 
-    A torn last line (no newline: a write cut short by a kill) must look like the start of a record;
-    anything else that is not a record means the file is not ours: :class:`OutputError`.
+    A torn last line (no newline: a write cut short by a kill) must look like the start of a record and
+    follow a complete one: a file of one unfinished line may well be someone else's (``{"file": ...``
+    cut by a tool, a lone ``{``), and holds no record anyway. Anything else that is not a record means the
+    file is not ours: :class:`OutputError`, saying to delete the file if a run was killed in its first write.
     """
     entries: list[Entry] = []
     offset = number = 0
     handle.seek(0)
     while line := handle.readline(MAX_RECORD_BYTES + 1):
         number += 1
-        if not line.endswith(b"\n") and len(line) <= MAX_RECORD_BYTES and (
-                line.startswith(RECORD_START) or RECORD_START.startswith(line)):
+        torn = not line.endswith(b"\n") and len(line) <= MAX_RECORD_BYTES and (
+            line.startswith(RECORD_START) or RECORD_START.startswith(line))
+        if torn and entries:
             break  # readline stops short of a newline only at the end of the file
         record = _parse_record(line)
         if record is None:
-            raise OutputError(f"{path}: not a captioner JSONL file (line {number} is not a record); "
-                              "refusing to change it, choose another file")
+            problem = "its only line is an unfinished record: delete the file if a run was killed writing it" if torn \
+                else f"line {number} is not a record"
+            raise OutputError(f"{path}: not a captioner JSONL file ({problem}); refusing to change it, choose "
+                              "another file")
         entries.append(Entry(record["file"], "error" in record, offset, offset + len(line)))
         offset += len(line)
     return entries, offset
@@ -216,16 +250,32 @@ def caption_record(file: str, captions: list[Caption], labels: list[tuple[str, f
 class Writer(Protocol):
     done: dict[str, bool]  # files with a record already (True: an error record)
 
+    @property
+    def path(self) -> Path | None: ...  # the file written, if any
+
     def write(self, records: list[dict]) -> None: ...
 
     def close(self) -> None: ...
+
+
+_LOCKS: set[int] = set()  # the descriptors of the --out locks this process holds
+
+
+def _leave_locks_to_parent() -> None:
+    """In a forked child (a DataLoader worker), close the copies of the lock descriptors: a ``flock`` lasts
+    while any copy is open, and the lock must end with the process that holds it, not with its last worker."""
+    while _LOCKS:
+        os.close(_LOCKS.pop())
+
+
+os.register_at_fork(after_in_child=_leave_locks_to_parent)
 
 
 class JsonlFile:
     """Appends records to ``path``, one flushed write per batch, holding an exclusive lock on it.
 
     Opening checks the folder (written, synced and deleted probe), refuses what is not a regular file or not
-    captioner JSONL, cuts a torn last line off and notes the files already done.
+    captioner JSONL, takes the lock (:meth:`_lock`), cuts a torn last line off and notes the files already done.
     """
 
     def __init__(self, path: Path):
@@ -237,21 +287,41 @@ class JsonlFile:
             self.handle = open(path, "a+b")
         except OSError as exc:
             raise OutputError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
+        self.lock: int | None = None
         try:
+            self.lock = self._lock()
             self.done = self._claim()
         except BaseException as exc:
-            self.handle.close()
+            self.close()
             if isinstance(exc, OSError):
                 raise OutputError(f"--out {path}: cannot lock or read it ({exc.strerror or exc})") from None
             raise
 
+    def _lock(self) -> int:
+        """An exclusive ``flock`` on a descriptor of its own, which nothing else in this process touches.
+
+        The kernel drops it when this process ends, however it ends, so a rerun after a kill is let in at once.
+        Nothing else drops it: a POSIX lock (``lockf``) ends when the process closes any descriptor of the file,
+        as the image loader did with an ``--out`` among the inputs, letting a second run in. Forked loader
+        workers, which would keep a ``flock`` alive past this process, close their copy
+        (:func:`_leave_locks_to_parent`).
+        """
+        descriptor = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if not os.path.samestat(os.fstat(descriptor), os.fstat(self.handle.fileno())):
+                raise OutputError(f"--out {self.path}: replaced by another file while being opened; run again")
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException as exc:
+            os.close(descriptor)
+            if isinstance(exc, BlockingIOError):
+                raise OutputError(f"--out {self.path}: another captioner is writing to it; wait for it or choose "
+                                  "another --out") from None
+            raise
+        _LOCKS.add(descriptor)
+        return descriptor
+
     def _claim(self) -> dict[str, bool]:
-        """Lock the file, cut a torn last line off, and return the files it has records of."""
-        try:  # a POSIX lock: the kernel drops it when this process ends, though forked loader workers linger
-            fcntl.lockf(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):
-            raise OutputError(f"--out {self.path}: another captioner is writing to it; wait for it or choose "
-                              "another --out") from None
+        """Cut a torn last line off, and return the files the file has records of."""
         entries, end = scan_records(self.path, self.handle)
         size = self.handle.seek(0, os.SEEK_END)
         if end < size:
@@ -269,24 +339,36 @@ class JsonlFile:
                               "far are kept, rerun the same command to resume") from None
 
     def close(self) -> None:
+        """Flush and close the file, then release the lock, so that no run gets in before the last records."""
         self.handle.close()
+        if self.lock is not None:
+            _LOCKS.discard(self.lock)
+            os.close(self.lock)
+            self.lock = None
 
 
 class StandardOutput:
-    """Records on stdout: JSON lines, or ``file<TAB>caption`` per caption (errors go to stderr only)."""
+    """Records on stdout: JSON lines, or ``file<TAB>caption`` per caption (errors go to stderr only).
+
+    Lines are written as bytes, each file name as the bytes it has on disk (:func:`os.fsencode`), so that
+    any name prints, whatever stdout's encoding, and names the very file (JSON escapes them instead).
+    """
+
+    path: Path | None = None  # nothing is written to a file
 
     def __init__(self, json_lines: bool):
         self.json_lines = json_lines
         self.done: dict[str, bool] = {}
 
     def write(self, records: list[dict]) -> None:
-        for record in records:
-            if self.json_lines:
-                print(json.dumps(record))
-            else:
-                for caption in record.get("captions", []):
-                    print(f"{record['file']}\t{caption['text']}")
-        sys.stdout.flush()
+        if self.json_lines:
+            lines = [json.dumps(record) for record in records]
+        else:
+            lines = [f"{record['file']}\t{caption['text']}" for record in records
+                     for caption in record.get("captions", [])]
+        sys.stdout.flush()  # anything printed before goes first
+        sys.stdout.buffer.write(b"".join(os.fsencode(line) + b"\n" for line in lines))
+        sys.stdout.buffer.flush()
 
     def close(self) -> None:
         sys.stdout.flush()
@@ -387,13 +469,19 @@ def caption_files(model: Captioner, files: Sequence[str], writer: Writer, config
                   batch_size: int = 32, num_workers: int = 0, labels: bool = True) -> Summary:
     """Caption the ``files`` that ``writer`` has no record of yet, writing each batch's records as it is done.
 
-    Each bad file is reported on stderr as it comes; progress (photos/s, ETA) shows on a terminal.
+    The file ``writer`` writes is not captioned if it is among ``files``. Each bad file is reported on stderr
+    as it comes; progress (photos/s, ETA) shows on a terminal. A loader process that dies (killed) stops the
+    run with a :class:`LoaderError`; the records written are kept.
     """
+    if writer.path is not None:
+        files = without_outputs(files, [writer.path], writer.done, "the file this run writes")
     todo = [file for file in files if file not in writer.done]
     failed = sum(writer.done.get(file, False) for file in files)
     started = time.perf_counter()
+    resume = "the records written so far are kept, rerun the same command to resume" if writer.path else \
+        "rerun the command"
     with tqdm(total=len(files), initial=len(files) - len(todo), unit="photo", desc="captioning",
-              dynamic_ncols=True, disable=None) as bar:
+              dynamic_ncols=True, disable=None) as bar, loader_deaths(resume):
         for records in caption_records(model, todo, config, batch_size, num_workers, labels):
             writer.write(records)
             for record in records:
@@ -414,7 +502,8 @@ def caption_files(model: Captioner, files: Sequence[str], writer: Writer, config
 def default_parts(out: Path) -> list[Path]:
     """The torchrun parts of ``out`` (``captions.rank-K.jsonl``), by rank."""
     pattern = re.compile(re.escape(out.stem) + r"\.rank-(\d+)" + re.escape(out.suffix))
-    found = [(int(m[1]), p) for p in out.parent.glob(f"{out.stem}.rank-*{out.suffix}") if (m := pattern.fullmatch(p.name))]
+    candidates = out.parent.glob(f"{glob.escape(out.stem)}.rank-*{glob.escape(out.suffix)}")
+    found = [(int(m[1]), p) for p in candidates if (m := pattern.fullmatch(p.name))]
     return [path for _, path in sorted(found)]
 
 
@@ -422,7 +511,8 @@ def merge(files: Sequence[str], parts: Sequence[Path], out: Path) -> int:
     """Join the records of ``parts`` into ``out`` in the order of ``files``; returns the number of error records.
 
     Every file must have exactly one record among the parts, and the parts no other record
-    (:class:`DataError` otherwise, naming counts and examples). ``out`` is written under a temporary
+    (:class:`DataError` otherwise, naming counts and examples); a part among the files needs none, as
+    caption runs leave out the file they write. ``out`` is written under a temporary
     name and renamed into place; an existing ``out`` is replaced only when it is captioner JSONL whose
     files all have a record in the merge, so nothing it holds is lost.
     """
@@ -430,7 +520,7 @@ def merge(files: Sequence[str], parts: Sequence[Path], out: Path) -> int:
         raise ConfigError(f"no parts to merge: give --parts, or run under torchrun first ({part_path(out, 0)}...)")
     if any(out.resolve() == part.resolve() for part in parts):
         raise ConfigError(f"--out {out} is one of the parts; merge into another file")
-    handles = [_open_part(part) for part in parts]
+    handles = [open_regular(part, str(part), "part") for part in parts]
     try:
         found: dict[str, tuple[BinaryIO, Entry]] = {}
         twice: list[str] = []
@@ -442,6 +532,7 @@ def merge(files: Sequence[str], parts: Sequence[Path], out: Path) -> int:
                 if entry.file in found:
                     twice.append(entry.file)
                 found.setdefault(entry.file, (handle, entry))
+        files = without_outputs(files, parts, found, "one of the parts")
         _check_complete(files, found, twice)
         _keep_nothing_lost(out, found)
         temporary = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -463,13 +554,6 @@ def merge(files: Sequence[str], parts: Sequence[Path], out: Path) -> int:
     failed = sum(found[file][1].failed for file in files)
     log.info("%s: %d records from %d parts (%d errors)", out, len(files), len(parts), failed)
     return failed
-
-
-def _open_part(part: Path) -> BinaryIO:
-    try:
-        return open(part, "rb")
-    except OSError as exc:
-        raise ConfigError(f"{part}: cannot read the part ({exc.strerror or exc})") from None
 
 
 def _check_complete(files: Sequence[str], found: dict, twice: list[str]) -> None:

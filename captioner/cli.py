@@ -2,7 +2,8 @@
 over the package.
 
 User mistakes (bad files, bad options) print ``error: <one line>`` and exit with status 2; a file
-that cannot be captioned is reported and skipped, and the exit status is 1 at the end.
+that cannot be captioned is reported and skipped, and the exit status is 1 at the end, as it is when
+a loader process is killed (one line too).
 """
 
 from __future__ import annotations
@@ -407,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except CaptionerError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,12 +1,14 @@
 """Project exceptions: user mistakes surface as one-line messages, never tracebacks.
 
 All are ``ValueError`` subclasses so callers that already guard against bad values keep working;
-the CLI prints ``error: <message>`` and exits with status 2.
+the CLI prints ``error: <message>`` and exits with ``exit_status``: 2, or 1 for a run stopped from outside.
 """
 
 
 class CaptionerError(ValueError):
     """Base class for every error caused by the caller's input rather than a bug."""
+
+    exit_status = 2
 
 
 class ImageError(CaptionerError):
@@ -31,3 +33,10 @@ class ConfigError(CaptionerError):
 
 class OutputError(CaptionerError):
     """An output folder cannot be used: not a folder, not writable, full, or in use by another run."""
+
+
+class LoaderError(CaptionerError):
+    """A process loading images died (killed by hand or by the out-of-memory killer): not a mistake in the
+    input, so status 1, like a run with unreadable images."""
+
+    exit_status = 1

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from .bulk import caption_records
 from .data import load_captions
 from .errors import ImageError
+from .features import loader_deaths
 from .metrics import ALL_METRICS, score_captions
 from .model import Captioner
 from .runtime import stage_threads
@@ -23,7 +24,8 @@ def evaluate(images: str | os.PathLike, captions: str | os.PathLike, model: Capt
     ``model`` is a loaded :class:`Captioner`, a checkpoint directory, or ``None`` for the bundled
     model (run by ``engine``, see :meth:`Captioner.from_pretrained`); ``options`` are decoding options
     (``beam_size=5``...). Images are loaded in ``num_workers`` processes, as by ``captioner caption``
-    (:func:`captioner.bulk.caption_records`); one that cannot be read is an :class:`ImageError`.
+    (:func:`captioner.bulk.caption_records`); one that cannot be read is an :class:`ImageError`, a killed
+    loader process a :class:`LoaderError`.
     """
     if not isinstance(model, Captioner):
         model = Captioner.from_pretrained(model, device=device, engine=engine, num_threads=stage_threads())
@@ -31,7 +33,8 @@ def evaluate(images: str | os.PathLike, captions: str | os.PathLike, model: Capt
     records, _ = load_captions(captions, images, split)
     started = time.perf_counter()
     generated: list[dict] = []
-    with tqdm(total=len(records), desc="captioning", unit="image", leave=False) as bar:
+    with tqdm(total=len(records), desc="captioning", unit="image", leave=False) as bar, \
+            loader_deaths("rerun the command"):
         for batch in caption_records(model, [str(r.path) for r in records], config, batch_size, num_workers,
                                      labels=False):
             for record in batch:

@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .checkpoint import remove_dead_writers, save_tensors
 from .distributed import Distributed
 from .encoder import Encoder
-from .errors import ImageError, OutputError
+from .errors import ImageError, LoaderError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,20 @@ def image_batches(encoder: Encoder, paths: Sequence[str | Path], batch_size: int
     return DataLoader(_ImageFiles(paths, encoder, view), batch_size=batch_size,
                       num_workers=num_workers if len(paths) > batch_size else 0, pin_memory=pin_memory,
                       collate_fn=_collate)
+
+
+@contextlib.contextmanager
+def loader_deaths(hint: str) -> Iterator[None]:
+    """Turn PyTorch's ``RuntimeError`` for a loader worker that died (killed by hand or by the out-of-memory
+    killer) into a one-line :class:`LoaderError` ending in ``hint``. PyTorch raises it from a SIGCHLD handler,
+    so anywhere in this thread while the loader runs: put the whole loop over the batches inside."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not str(exc).startswith("DataLoader worker (pid"):
+            raise
+        raise LoaderError(f"an image loading process died ({str(exc).split('. ')[0].removeprefix('DataLoader ')}); "
+                          f"{hint}") from None
 
 
 @torch.inference_mode()

@@ -5,20 +5,25 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from captioner.bulk import (MAX_PATH_BYTES, RECORD_START, JsonlFile, Shard, caption_records, collect_inputs, merge,
-                            read_file_list)
+from captioner.bulk import (MAX_PATH_BYTES, RECORD_START, JsonlFile, Shard, StandardOutput, caption_files,
+                            caption_records, collect_inputs, default_parts, merge, read_file_list)
 from captioner.cli import main
+from captioner.encoder import Encoder
 from captioner.errors import ConfigError, DataError, OutputError
 from captioner.runtime import stage_threads
 from conftest import ROOT
@@ -63,6 +68,49 @@ def test_file_list_skips_blank_lines_and_bounds_its_lines(tmp_path, monkeypatch)
         read_file_list(str(tmp_path / "missing.txt"))
 
 
+@contextmanager
+def within(seconds: int) -> Iterator[None]:
+    """Fail instead of blocking: SIGALRM interrupts a blocked open or read (an AssertionError, which no code
+    under test catches as it might an OSError)."""
+    def fail(*_):
+        raise AssertionError(f"blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_file_list_and_parts_must_be_regular_files_refused_before_reading(tmp_path, monkeypatch):
+    """A device (/dev/zero) never ends, a folder is no list: refused unread. A named pipe without a writer would
+    block forever: it reads as empty. A pipe with a writer (``--files-from <(find ...)``) is read."""
+    fifo, server = tmp_path / "fifo", socket.socket(socket.AF_UNIX)
+    os.mkfifo(fifo)
+    server.bind(str(tmp_path / "socket"))
+    hint = "; give a file, a pipe or -"
+    with within(10), server:
+        for source, kind in (("/dev/null", "a device"), (tmp_path, "a folder"), (tmp_path / "socket", "a socket or device")):
+            with pytest.raises(ConfigError) as error:
+                read_file_list(str(source))
+            assert str(error.value) == f"--files-from {source}: file list is not a regular file ({kind}){hint}"
+        assert read_file_list(str(fifo)) == []
+        reader, writer = os.pipe()
+        os.write(writer, b"a.jpg\nb.jpg\n")
+        os.close(writer)
+        assert read_file_list(f"/dev/fd/{reader}") == ["a.jpg", "b.jpg"]
+        os.close(reader)
+        with pytest.raises(ConfigError, match=f"^{fifo}: part is not a regular file \\(a pipe\\)$"):
+            merge(["a.jpg"], [fifo], tmp_path / "all.jsonl")
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"\xef\xbb\xbfa.jpg\nb.jpg\n")  # a UTF-8 BOM, as Windows editors write
+    assert read_file_list(str(listing)) == ["a.jpg", "b.jpg"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbfx.jpg\n")))
+    assert read_file_list("-") == ["x.jpg"]
+
+
 def test_torn_last_line_is_cut_off_and_nothing_else_changes(tmp_path):
     out = tmp_path / "captions.jsonl"
     good = record_line("a.jpg") + json.dumps({"file": "b.jpg", "error": "b.jpg: empty file"}).encode() + b"\n"
@@ -86,6 +134,18 @@ def test_a_file_that_is_not_ours_is_refused_untouched(tmp_path, content):
     assert out.read_bytes() == content
 
 
+@pytest.mark.parametrize("content", [b'{"file": ', b"{", record_line("a.jpg")[:-1]])
+def test_one_unfinished_line_alone_is_not_a_torn_record_of_ours(tmp_path, content):
+    """A torn line is cut only after a complete record: alone, it may be anyone's, and holds nothing of ours."""
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(content)
+    with pytest.raises(OutputError) as error:
+        JsonlFile(out)
+    assert str(error.value) == (f"{out}: not a captioner JSONL file (its only line is an unfinished record: delete "
+                                "the file if a run was killed writing it); refusing to change it, choose another file")
+    assert out.read_bytes() == content
+
+
 @pytest.mark.slow
 def test_one_writer_at_a_time_and_a_killed_one_holds_nothing(tmp_path):
     out = tmp_path / "captions.jsonl"
@@ -100,6 +160,31 @@ def test_one_writer_at_a_time_and_a_killed_one_holds_nothing(tmp_path):
         holder.kill()
         holder.wait()
     JsonlFile(out).close()  # the kernel released the lock with the killed process
+
+
+@pytest.mark.slow
+def test_the_lock_survives_other_descriptors_of_the_file_and_ends_with_its_process(tmp_path):
+    """Closing another descriptor of --out (the image loader opening it as an input did) keeps the lock, and a
+    forked child (a loader worker) still alive when the holder is killed does not keep it."""
+    out = tmp_path / "captions.jsonl"
+    hold = ("import os, sys, time; from pathlib import Path; from captioner.bulk import JsonlFile; "
+            "writer = JsonlFile(Path(sys.argv[1])); open(sys.argv[1], 'rb').close(); child = os.fork(); "
+            "child or time.sleep(600); print(child, flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        child = int(holder.stdout.readline())
+        with pytest.raises(OutputError, match="another captioner is writing to it"):
+            JsonlFile(out)
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)  # the child outlives its parent
+        JsonlFile(out).close()
+    finally:
+        holder.kill()
+        holder.wait()
+        if child:
+            os.kill(child, signal.SIGKILL)
 
 
 def test_merge_follows_the_inputs_and_refuses_gaps_twins_and_strangers(tmp_path):
@@ -125,6 +210,28 @@ def test_merge_follows_the_inputs_and_refuses_gaps_twins_and_strangers(tmp_path)
     with pytest.raises(OutputError, match=r"holds 1 records the merge would not \(e.g. z.jpg\)"):
         merge(["a.jpg", "b.jpg", "c.jpg"], parts, out)
     assert out.read_bytes() == record_line("z.jpg")
+    out.unlink()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(parts[1])  # caption runs leave out the file they write, so no part has a record of one
+    assert merge(["a.jpg", str(parts[0]), "b.jpg", str(link), "c.jpg"], parts, out) == 0
+    assert out.read_bytes() == record_line("a.jpg") + record_line("b.jpg") + record_line("c.jpg")
+
+
+def test_default_parts_are_found_when_out_holds_glob_characters(tmp_path):
+    names = ["caps[v2].rank-0.jsonl", "caps[v2].rank-1.jsonl", "capsv.rank-2.jsonl", "caps[v2].rank-x.jsonl"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert default_parts(tmp_path / "caps[v2].jsonl") == [tmp_path / names[0], tmp_path / names[1]]
+
+
+def test_tab_output_prints_any_file_name_as_its_bytes(monkeypatch):
+    """A name that is not UTF-8 prints as its bytes, even on a strict UTF-8 stdout (PYTHONIOENCODING=utf-8:strict)."""
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    name = os.fsdecode(b"caf\xe9.jpg")  # Latin-1
+    for json_lines in (False, True):
+        StandardOutput(json_lines).write([json.loads(record_line(name))])
+    assert stdout.buffer.getvalue() == b"caf\xe9.jpg\ta dog runs\n" + record_line(name)
 
 
 @pytest.fixture
@@ -220,6 +327,48 @@ def test_batches_are_encoded_one_ahead_on_half_the_threads(trained_model, synthe
     assert [r["file"] for batch in batches for r in batch] == files
     assert all(name.startswith("encode") for name in encoded) and len(encoded) == 4
     assert seen_threads == [stage_threads()] * 4 and torch.get_num_threads() == before
+
+
+def test_out_among_the_inputs_is_not_captioned_under_any_name(trained_model, image, tmp_path):
+    """The file being written is never loaded as an image: by its name, another spelling, a symbolic or hard link."""
+    out = tmp_path / "captions.jsonl"
+    writer = JsonlFile(out)
+    (tmp_path / "symbolic.jsonl").symlink_to(out)
+    os.link(out, tmp_path / "hard.jpg")
+    files = [str(out), str(image), str(tmp_path / "symbolic.jsonl"), str(tmp_path / "hard.jpg"),
+             f"{tmp_path}/./captions.jsonl"]
+    try:
+        summary = caption_files(trained_model, files, writer, trained_model.generation_config, num_workers=0)
+    finally:
+        writer.close()
+    assert [json.loads(line)["file"] for line in out.read_bytes().splitlines()] == [str(image)]
+    assert (summary.files, summary.captioned, summary.failed) == (1, 1, 0)
+
+
+def test_a_killed_loader_worker_is_one_line_and_the_rerun_resumes(trained_run, synthetic, tmp_path, monkeypatch,
+                                                                   capsys):
+    files = [str(p) for p in sorted((synthetic / "images").glob("test_*.png"))[:6]]
+    out, main_pid = tmp_path / "captions.jsonl", os.getpid()
+    pixels = Encoder.pixels
+
+    def killed_at_the_fifth(self, path, *args, **kwargs):  # the worker processes inherit it (forked)
+        if path == files[4] and os.getpid() != main_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return pixels(self, path, *args, **kwargs)
+
+    command = ["caption", *files, "--out", str(out), "--model", str(trained_run / "best"), "--batch-size", "2", "-q"]
+    monkeypatch.setattr(Encoder, "pixels", killed_at_the_fifth)
+    assert main([*command, "--num-workers", "1"]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and re.fullmatch(r"error: an image loading process died \(worker \(pid.*\); the records "
+                                             r"written so far are kept, rerun the same command to resume", errors[0])
+    kept = out.read_bytes()
+    assert not kept or kept.endswith(b"\n")  # whole records only
+    monkeypatch.setattr(Encoder, "pixels", pixels)
+    assert main([*command, "--num-workers", "0"]) == 0
+    records = out.read_bytes()
+    assert [json.loads(line)["file"] for line in records.splitlines()] == files
+    assert records.startswith(kept) and len(kept.splitlines()) <= 4  # kept: the batches before the fifth file's
 
 
 @pytest.mark.slow

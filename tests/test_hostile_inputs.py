@@ -110,8 +110,11 @@ def test_thin_images_are_cropped_before_resizing(trained_model, tmp_path, size):
 
 
 def peak_memory_mb(code: str) -> float:
-    """Run ``code`` in a fresh interpreter and return its peak resident memory in MB."""
-    script = code + "\nimport resource; print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    """Run ``code`` in a fresh interpreter and return its peak resident memory in MB.
+
+    ``VmHWM``, not ``ru_maxrss``: the latter keeps the peak of the process it was forked from (pytest's)."""
+    script = code + ("\nimport re; from pathlib import Path\n"
+                     "print('PEAK', int(re.search(r'VmHWM:\\s*(\\d+)', Path('/proc/self/status').read_text())[1]) / 1024)")
     result = run("-c", script)
     assert result.returncode == 0, result.stderr[-2000:]
     return float(result.stdout.split("PEAK")[-1])
@@ -352,6 +355,37 @@ def test_cli_usage_mistakes_exit_2_before_any_work(checkpoint_dir, synthetic, ar
     good = sorted((synthetic / "images").glob("test_*.png"))[0]
     result = run("-m", "captioner", "caption", "--model", str(checkpoint_dir), str(good), *args)
     assert message in one_line_error(result) and result.stdout == ""
+
+
+@pytest.mark.slow
+def test_file_names_that_are_not_utf8_print_on_a_strict_stdout(checkpoint_dir, synthetic, tmp_path):
+    """Tab output writes a name as its bytes; the error line on stderr escapes it; no UnicodeEncodeError."""
+    good, bad = tmp_path / os.fsdecode(b"caf\xe9.png"), tmp_path / os.fsdecode(b"\xffbroken.jpg")
+    shutil.copy(sorted((synthetic / "images").glob("test_*.png"))[0], good)
+    bad.write_bytes(b"not an image")
+    result = subprocess.run([sys.executable, "-m", "captioner", "caption", "-q", "--model", str(checkpoint_dir),
+                             str(good), str(bad)], cwd=ROOT, capture_output=True, timeout=240,
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert result.returncode == 1 and b"Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stdout.startswith(os.fsencode(good) + b"\t") and result.stdout.count(b"\n") == 1
+    errors = result.stderr.decode("ascii").splitlines()
+    assert errors[0].startswith("error: ") and errors[0].endswith("\\udcffbroken.jpg: not an image "
+                                                                    "(unrecognised file format)"), errors
+    assert errors[1:] == ["error: 1 of 2 images could not be captioned"]
+
+
+@pytest.mark.slow
+def test_files_from_a_device_is_refused_unread():
+    """/dev/zero as the list once grew to 2.8 GB before being refused; now it is refused before any read."""
+    peak = peak_memory_mb(
+        "from captioner import ConfigError\n"
+        "from captioner.bulk import read_file_list\n"
+        "try:\n"
+        "    read_file_list('/dev/zero')\n"
+        "except ConfigError as error:\n"
+        "    assert str(error).startswith('--files-from /dev/zero: file list is not a regular file (a device)')\n")
+    print(f"peak memory, --files-from /dev/zero: {peak:.0f} MB")
+    assert peak < 1500  # importing the package takes about 700 MB; reading to the bound, 2 GiB more
 
 
 @pytest.mark.slow

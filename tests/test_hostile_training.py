@@ -370,6 +370,7 @@ def test_non_finite_or_zero_rates(synthetic, tmp_path, key, value):
     ("run.json", "x" * 1_000_001, "config file larger than 1000000 bytes"),
     ("run.toml", b"epochs = \xff", "invalid config file"),
     ("run.json", '{"epochs": 3', "invalid config file"),
+    ("run.json", b'\xef\xbb\xbf{"epochs": "3"}', "epochs must be an integer, not '3'"),  # a BOM is skipped
 ])
 def test_train_cli_reports_bad_config_files_in_one_line(synthetic, tmp_path, train_in_process, name, content, message):
     config = tmp_path / name
@@ -379,9 +380,12 @@ def test_train_cli_reports_bad_config_files_in_one_line(synthetic, tmp_path, tra
     assert str(config) in error or "must be between" in error
 
 
-def test_config_path_that_is_a_folder_or_missing(tmp_path, train_in_process):
+def test_config_path_that_is_a_folder_a_pipe_or_missing(tmp_path, train_in_process):
     assert_one_line_error(train_in_process("--config", str(tmp_path)),
-                          f"{tmp_path}: cannot read the config file (Is a directory)")
+                          f"{tmp_path}: config file is not a regular file (a folder)")
+    os.mkfifo(tmp_path / "run.toml")  # no writer: reading it would block forever
+    assert_one_line_error(train_in_process("--config", str(tmp_path / "run.toml")),
+                          f"{tmp_path}/run.toml: config file is not a regular file (a pipe)")
     assert_one_line_error(train_in_process("--config", str(tmp_path / "nope.toml")), "config file not found")
 
 

@@ -119,9 +119,9 @@ def caption_photo(model: Captioner, image: str | None, strategy: str | None = "B
             for c, m in ranked]
     best = captions[0]
     words = [(token, math.exp(lp)) for token, lp in zip([*best.tokens, "<end>"], best.token_log_probs)]
-    beam = f", beam {config.beam_size}" if config.strategy == "beam" else ""
+    search = f"beam search of {config.beam_size}" if config.strategy == "beam" else config.strategy
     timing = (f"{(finished - started) * 1000:.0f} ms: encoder {(encoded - started) * 1000:.0f} ms, "
-              f"decoder {(finished - encoded) * 1000:.0f} ms ({config.strategy}{beam}, {model.encoder.config.name}, "
+              f"decoder {(finished - encoded) * 1000:.0f} ms ({search}, {model.encoder.config.name}, "
               f"{model.device.type}, {ENGINE_NAMES[model.engine]})")
     return PhotoResult(best.text, rows, words, dict(labels), timing)
 

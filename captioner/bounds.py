@@ -10,6 +10,7 @@ declared. Floats must be finite.
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import stat
@@ -17,6 +18,11 @@ from dataclasses import Field, field, fields
 from typing import Any, BinaryIO
 
 from .errors import CaptionerError, ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]  # the same parser under its former name
 
 
 SCALAR_TYPES = ("int", "float", "str", "bool")
@@ -103,8 +109,9 @@ _KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a pipe", stat.S_IFCHR: "a dev
           stat.S_IFSOCK: "a socket"}
 
 
-def open_regular(path: str | os.PathLike, name: str, what: str, instead: str = "", pipes: bool = False) -> BinaryIO:
-    """Regular file ``path`` (or, with ``pipes``, a pipe) opened for reading, or a one-line :class:`ConfigError`
+def open_regular(path: str | os.PathLike, name: str, what: str, instead: str = "", pipes: bool = False,
+                 error: type[CaptionerError] = ConfigError) -> BinaryIO:
+    """Regular file ``path`` (or, with ``pipes``, a pipe) opened for reading, or a one-line ``error``
     starting with ``name``: ``<what> not found``, ``cannot read the <what> (reason)`` or ``<what> is not a
     regular file (a device)`` followed by ``instead``.
 
@@ -115,39 +122,66 @@ def open_regular(path: str | os.PathLike, name: str, what: str, instead: str = "
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ConfigError(f"{name}: {what} not found") from None
+        raise error(f"{name}: {what} not found") from None
     except OSError as exc:
         if exc.errno == errno.ENXIO:  # what opening a socket gives
-            raise ConfigError(f"{name}: {what} is not a regular file (a socket or device){instead}") from None
-        raise ConfigError(f"{name}: cannot read the {what} ({exc.strerror or exc})") from None
+            raise error(f"{name}: {what} is not a regular file (a socket or device){instead}") from None
+        raise error(f"{name}: cannot read the {what} ({exc.strerror or exc})") from None
     mode = os.fstat(descriptor).st_mode
     if not (stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode))):
         os.close(descriptor)
-        raise ConfigError(f"{name}: {what} is not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special')}){instead}")
+        raise error(f"{name}: {what} is not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special')}){instead}")
     os.set_blocking(descriptor, True)
     return open(descriptor, "rb")
 
 
-def read_limited(handle: BinaryIO, limit: int, name: str, what: str) -> bytes:
+def read_limited(handle: BinaryIO, limit: int, name: str, what: str,
+                 error: type[CaptionerError] = ConfigError) -> bytes:
     """At most ``limit`` bytes of ``handle`` (never more than ``limit + 1`` in memory), a leading UTF-8 BOM
-    (which Windows editors write) removed; else ``ConfigError``: ``<name>: <what> larger than <limit> bytes``."""
+    (which Windows editors write) removed; else ``error``: ``<name>: <what> larger than <limit> bytes``."""
     raw = handle.read(limit + 1)
     if len(raw) > limit:
-        raise ConfigError(f"{name}: {what} larger than {limit} bytes")
+        raise error(f"{name}: {what} larger than {limit} bytes")
     return raw.removeprefix(UTF8_BOM)
 
 
 def read_bounded(path: str | os.PathLike, limit: int, name: str, what: str, instead: str = "",
-                 pipes: bool = False) -> bytes:
+                 pipes: bool = False, error: type[CaptionerError] = ConfigError) -> bytes:
     """The bytes of regular file ``path`` (:func:`open_regular`) as :func:`read_limited` gives them; one that is
     larger than ``limit`` by its size is refused unread."""
-    with open_regular(path, name, what, instead, pipes) as handle:
+    with open_regular(path, name, what, instead, pipes, error) as handle:
         if os.fstat(handle.fileno()).st_size > limit:
-            raise ConfigError(f"{name}: {what} larger than {limit} bytes")
+            raise error(f"{name}: {what} larger than {limit} bytes")
         try:
-            return read_limited(handle, limit, name, what)
+            return read_limited(handle, limit, name, what, error)
         except OSError as exc:
-            raise ConfigError(f"{name}: cannot read the {what} ({exc.strerror or exc})") from None
+            raise error(f"{name}: cannot read the {what} ({exc.strerror or exc})") from None
+
+
+def read_json(path: str | os.PathLike, limit: int, what: str, error: type[CaptionerError] = ConfigError,
+              toml: bool = False) -> Any:
+    """The parsed JSON (or, with ``toml``, TOML) of file ``path``, read by :func:`read_bounded`.
+
+    The one reader of every JSON file that comes from outside (config files, annotations, checkpoints), so
+    each fails the same way: one ``error`` line naming the file, never a traceback or a parser's
+    multi-line message.
+    """
+    name = str(path)
+    raw = read_bounded(path, limit, name, what, error=error)
+    syntax = "TOML" if toml else "JSON"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{name}: invalid {what} (not UTF-8 text: invalid byte at offset {exc.start})") from None
+    try:
+        return tomllib.loads(text) if toml else json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{name}: invalid {what} (malformed JSON at line {exc.lineno}, column {exc.colno}: "
+                    f"{exc.msg})") from None
+    except ValueError as exc:  # a TOML syntax error, or an integer of more than 4300 digits
+        raise error(f"{name}: invalid {what} (unusable {syntax}: {str(exc).partition(chr(10))[0]})") from None
+    except RecursionError:
+        raise error(f"{name}: invalid {what} ({syntax} nested too deeply)") from None
 
 
 def describe_bounds(item) -> str:

@@ -18,13 +18,8 @@ from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .bounds import annotation, check_options, describe_bounds, read_bounded
+from .bounds import annotation, check_options, describe_bounds, read_json
 from .errors import CaptionerError, ConfigError
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]  # the same parser under its former name
 
 log = logging.getLogger("captioner")
 
@@ -68,15 +63,7 @@ MAX_CONFIG_BYTES = 1_000_000
 
 def read_config_file(path: str) -> dict:
     """Options from a JSON or TOML file (keys are option names, with ``_`` or ``-``) of at most 1 MB."""
-    file = Path(path)
-    raw = read_bounded(file, MAX_CONFIG_BYTES, path, "config file")
-    try:
-        text = raw.decode("utf-8")
-        data = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(f"{path}: invalid config file ({str(exc).partition(chr(10))[0]})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: invalid config file (nested too deeply)") from None
+    data = read_json(path, MAX_CONFIG_BYTES, "config file", ConfigError, toml=Path(path).suffix == ".toml")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: config file must hold a table/object of options")
     return data

@@ -10,10 +10,8 @@ Every problem in a file is collected before anything is reported, so a user fixe
 
 from __future__ import annotations
 
-import json
 import os
 import reprlib
-import stat
 from typing import TypeGuard
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .bounds import read_json
 from .errors import DataError
 from .vocab import END_ID, PAD_ID, START_ID, Vocabulary, tokenize
 
@@ -63,7 +62,7 @@ def load_captions(
     annotation_file, image_dir = Path(annotation_file), Path(image_dir)
     if not image_dir.is_dir():
         raise DataError(f"{image_dir}: image folder not found")
-    data = _read_json(annotation_file)
+    data = read_json(annotation_file, MAX_ANNOTATION_BYTES, "annotation file", DataError)
     problems = _Problems(annotation_file)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{annotation_file}: expected a JSON object with an 'images' list")
@@ -123,32 +122,6 @@ def _is_file(path: Path) -> bool:
         return path.is_file()
     except OSError:  # e.g. a path longer than the system allows
         return False
-
-
-def _read_json(path: Path):
-    try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):
-            raise DataError(f"{path}: not a regular file")
-        if info.st_size > MAX_ANNOTATION_BYTES:
-            raise DataError(f"{path}: {info.st_size} bytes, larger than the {MAX_ANNOTATION_BYTES} accepted")
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: annotation file not found") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    except ValueError as exc:  # e.g. an integer of more than 4300 digits
-        raise DataError(f"{path}: unusable JSON ({exc})") from None
-    except RecursionError:
-        raise DataError(f"{path}: JSON nested too deeply") from None
 
 
 def _caption_problem(caption) -> str | None:

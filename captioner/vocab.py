@@ -16,6 +16,7 @@ from pathlib import Path
 from nltk.tokenize import word_tokenize
 from nltk.tokenize.treebank import TreebankWordDetokenizer
 
+from .bounds import read_json
 from .errors import CheckpointError, ConfigError
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
@@ -94,15 +95,8 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":
-        try:
-            if Path(path).stat().st_size > MAX_VOCAB_FILE_BYTES:
-                raise CheckpointError(f"{path}: vocabulary file above {MAX_VOCAB_FILE_BYTES:,} bytes")
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-            words = data["words"]
-        except RecursionError:
-            raise CheckpointError(f"{path}: not a valid vocabulary file (JSON nested too deeply)") from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{path}: not a valid vocabulary file ({exc})") from None
+        words = read_json(path, MAX_VOCAB_FILE_BYTES, "vocabulary file", CheckpointError)
+        words = words.get("words") if isinstance(words, dict) else None
         if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
             raise CheckpointError(f"{path}: 'words' must be a list of strings")
         try:

@@ -46,3 +46,12 @@ def test_load_rejects_invalid_files(tmp_path, content):
     (tmp_path / "vocab.json").write_text(content)
     with pytest.raises(CheckpointError):
         Vocabulary.load(tmp_path / "vocab.json")
+
+
+def test_oversized_file_is_one_error_not_wrapped_twice(tmp_path, monkeypatch):
+    """The size error is the reader's own CheckpointError line, not re-wrapped as "not a valid vocabulary file"."""
+    monkeypatch.setattr("captioner.vocab.MAX_VOCAB_FILE_BYTES", 10)
+    Vocabulary.build(["a dog runs fast"], min_count=1).save(tmp_path / "vocab.json")
+    with pytest.raises(CheckpointError) as error:
+        Vocabulary.load(tmp_path / "vocab.json")
+    assert str(error.value) == f"{tmp_path / 'vocab.json'}: vocabulary file larger than 10 bytes"

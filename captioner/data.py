@@ -21,7 +21,7 @@ import torch
 
 from .bounds import read_json
 from .errors import DataError
-from .vocab import END_ID, PAD_ID, START_ID, Vocabulary, tokenize
+from .vocab import END_ID, START_ID, Vocabulary, pad, tokenize
 
 MAX_EXAMPLES = 3
 MAX_ANNOTATION_BYTES = 2 * 1024**3  # larger files are refused unread (parsed, 2 GB of JSON takes about 20 GB)
@@ -277,16 +277,13 @@ class EncodedCaptions:
 
 def encode_captions(records: Sequence[ImageCaptions], vocab: Vocabulary, max_length: int) -> EncodedCaptions:
     """Turn every caption into ids, cut to ``max_length`` words (the count of cuts is reported)."""
-    rows, lengths, owners, truncated = [], [], [], 0
+    rows, owners, truncated = [], [], 0
     for index, record in enumerate(records):
         for caption in record.captions:
             ids = vocab.encode(caption)
             if len(ids) > max_length:
                 ids, truncated = ids[:max_length], truncated + 1
             rows.append([START_ID, *ids, END_ID])
-            lengths.append(len(ids) + 2)
             owners.append(index)
-    tokens = torch.full((len(rows), max(lengths)), PAD_ID, dtype=torch.long)
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row)
-    return EncodedCaptions(tokens, torch.tensor(lengths), torch.tensor(owners), truncated)
+    tokens, lengths = pad(rows)
+    return EncodedCaptions(tokens, lengths, torch.tensor(owners), truncated)

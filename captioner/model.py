@@ -25,7 +25,7 @@ from .encoder import Encoder, EncoderConfig, fetch_pretrained, resolve_weights
 from .errors import CheckpointError, ConfigError
 from .images import ImageInput
 from .runtime import BUNDLED_MODEL, pick_device
-from .vocab import END_ID, START_ID, PAD_ID, Vocabulary
+from .vocab import END_ID, START_ID, Vocabulary, pad
 
 FORMAT_VERSION = 1
 Inputs = Union[ImageInput, Sequence[ImageInput], torch.Tensor]
@@ -290,10 +290,7 @@ class Captioner(nn.Module):
         if len(texts) != len(features):
             raise ConfigError(f"got {len(features)} images but {len(texts)} captions")
         ids = [[START_ID, *self.vocab.encode(text), END_ID] for text in texts]
-        tokens = torch.full((len(ids), max(map(len, ids))), PAD_ID, dtype=torch.long)
-        for row, sequence in zip(tokens, ids):
-            row[: len(sequence)] = torch.tensor(sequence)
-        lengths = torch.tensor([len(sequence) for sequence in ids])
+        tokens, lengths = pad(ids)
         scores = sequence_log_probs(self.decoder, features, tokens.to(self.device), lengths).tolist()
         return scores if batch else scores[0]
 

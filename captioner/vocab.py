@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import torch
 from nltk.tokenize import word_tokenize
 from nltk.tokenize.treebank import TreebankWordDetokenizer
 
@@ -39,6 +40,18 @@ def tokenize(text: str) -> list[str]:
         if not _PUNCTUATION.match(token):
             tokens.append(token)
     return tokens
+
+
+def pad(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens, lengths)``: the id sequences as one ``<pad>``-filled long tensor, and each one's length.
+
+    The one place a batch of token rows is built, so training, scoring and the decoder agree on padding.
+    """
+    lengths = torch.tensor([len(sequence) for sequence in sequences])
+    tokens = torch.full((len(sequences), max(lengths.tolist(), default=0)), PAD_ID, dtype=torch.long)
+    for row, sequence in zip(tokens, sequences):
+        row[: len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return tokens, lengths
 
 
 def detokenize(tokens: Sequence[str]) -> str:

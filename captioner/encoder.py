@@ -94,7 +94,7 @@ class ImageTransform(nn.Module):
 
     torchvision's ``ImageClassification`` preset resizes the whole image, then keeps the centre crop. This
     resizes only the crop's region of the source (Pillow's ``box``: the same filter positions and widths),
-    a third less time for a 640 x 480 photo (1.5 instead of 2.3 ms). Its pixels match the preset's but for
+    measured faster for a typical photo, since less of it is resampled. Its pixels match the preset's but for
     rounding: about one value in 2,000 is one level (of 255) apart (tests/test_encoder.py). Nearest-neighbour
     sampling rounds box positions differently, so it keeps the preset's order. A module, so DataLoader
     workers can pickle it.

@@ -10,11 +10,14 @@ declared. Floats must be finite.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
 import stat
-from dataclasses import Field, field, fields
+import types
+import typing
+from dataclasses import field, fields
 from typing import Any, BinaryIO
 
 from .errors import CaptionerError, ConfigError
@@ -25,14 +28,29 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]  # the same parser under its former name
 
 
-SCALAR_TYPES = ("int", "float", "str", "bool")
+SCALAR_TYPES = (int, float, str, bool)
+_WANTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-def annotation(item: Field) -> str:
-    """A field's type as written: a string, since option dataclasses postpone their annotations."""
-    if not isinstance(item.type, str):
-        raise TypeError(f"{item.name}: option dataclasses need `from __future__ import annotations`")
-    return item.type
+@functools.cache
+def field_types(cls: type) -> dict[str, tuple[type, bool]]:
+    """``{name: (type, optional)}`` of a dataclass's fields, each type resolved from its annotation (a string
+    under ``from __future__ import annotations``) and ``X | None`` split into ``(X, True)``.
+
+    Read from the types themselves (:func:`typing.get_type_hints`), not their spelling, so ``Optional[int]``,
+    ``None | int`` and ``int | None`` are one type. A field of another type (a list, a nested config) maps to
+    its origin (``list``) or itself: those check themselves.
+    """
+    hints = typing.get_type_hints(cls)
+    types_ = {}
+    for item in fields(cls):
+        hint, optional = hints[item.name], False
+        arguments = typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in arguments:
+            rest = [argument for argument in arguments if argument is not type(None)]
+            hint, optional = (rest[0], True) if len(rest) == 1 else (hint, False)
+        types_[item.name] = (typing.get_origin(hint) or hint, optional)
+    return types_
 
 
 def option(default: Any, help: str = "", **metadata: Any):
@@ -48,60 +66,56 @@ def option_like(cls: type, name: str, help: str = "") -> Any:
     return field(default=source.default, metadata=metadata)
 
 
-def check_value(name: str, value: Any, kind: str, range: tuple | None = None, choices: tuple | None = None,
-                error: type[CaptionerError] = ConfigError, where: str = "") -> Any:
-    """``value`` if it is of ``kind`` (``"int"``, ``"float"``, ``"str"``, ``"bool"``, optionally
-    ``"... | None"``) and within ``range`` (inclusive) or ``choices``; otherwise ``error``."""
+def check_value(name: str, value: Any, kind: type, range: tuple | None = None, choices: tuple | None = None,
+                error: type[CaptionerError] = ConfigError, where: str = "", optional: bool = False) -> Any:
+    """``value`` if it is of ``kind`` (``int``, ``float``, ``str`` or ``bool``; or ``None`` when ``optional``)
+    and within ``range`` (inclusive) or ``choices``; otherwise ``error``."""
     prefix = f"{where}: " if where else ""
-    optional = kind.endswith("| None")
-    kind = kind.removesuffix("| None").strip()
     if value is None and optional:
         return None
-    if kind == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok and not math.isfinite(value):
-            raise error(f"{prefix}{name} must be a finite number, not {value!r}")
-    elif kind == "bool":
-        ok = isinstance(value, bool)
-    elif kind == "str":
-        ok = isinstance(value, str)
-    else:
+    if kind not in SCALAR_TYPES:
         raise TypeError(f"unsupported option type {kind!r} for {name}")
+    if kind is bool:
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
+        if ok and kind is float and not math.isfinite(value):
+            raise error(f"{prefix}{name} must be a finite number, not {value!r}")
     if not ok:
-        wanted = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[kind]
-        raise error(f"{prefix}{name} must be {wanted}, not {_show(value)}")
+        raise error(f"{prefix}{name} must be {_WANTED[kind]}, not {_show(value)}")
     if choices is not None and value not in choices:
         raise error(f"{prefix}{name} must be one of {', '.join(map(str, choices))}, not {_show(value)}")
     if range is not None:
         low, high = range
         if not low <= value <= high:
             raise error(f"{prefix}{name} must be between {low} and {high}, not {_show(value)}")
-    return float(value) if kind == "float" else value
+    return float(value) if kind is float else value
 
 
 def check_fields(instance: Any, error: type[CaptionerError] = ConfigError, where: str = "") -> None:
     """Check every field of a dataclass instance against its declared type and metadata bounds."""
+    cls: type = type(instance)
+    kinds = field_types(cls)
     for item in fields(instance):
-        if annotation(item).removesuffix("| None").strip() not in SCALAR_TYPES:
+        kind, optional = kinds[item.name]
+        if kind not in SCALAR_TYPES:
             continue  # lists and nested configs check themselves
-        value = check_value(item.name, getattr(instance, item.name), annotation(item), item.metadata.get("range"),
-                            item.metadata.get("choices"), error, where)
+        value = check_value(item.name, getattr(instance, item.name), kind, item.metadata.get("range"),
+                            item.metadata.get("choices"), error, where, optional)
         object.__setattr__(instance, item.name, value)
 
 
 def check_options(cls: type, options: dict[str, Any], error: type[CaptionerError] = ConfigError,
                   where: str = "") -> None:
     """Check a subset of a dataclass's fields, given by name, against their types and bounds."""
-    by_name = {item.name: item for item in fields(cls)}
+    by_name, kinds = {item.name: item for item in fields(cls)}, field_types(cls)
     for name, value in options.items():
         if name not in by_name:
             raise error(f"{where}: unknown option {name!r}" if where else f"unknown option {name!r}")
-        item = by_name[name]
-        if annotation(item).removesuffix("| None").strip() in SCALAR_TYPES:
-            check_value(name, value, annotation(item), item.metadata.get("range"), item.metadata.get("choices"), error,
-                        where)
+        item, (kind, optional) = by_name[name], kinds[name]
+        if kind in SCALAR_TYPES:
+            check_value(name, value, kind, item.metadata.get("range"), item.metadata.get("choices"), error, where,
+                        optional)
 
 
 UTF8_BOM = b"\xef\xbb\xbf"

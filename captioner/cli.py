@@ -18,12 +18,10 @@ from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .bounds import annotation, check_options, describe_bounds, read_json
+from .bounds import check_options, describe_bounds, field_types, read_json
 from .errors import CaptionerError, ConfigError
 
 log = logging.getLogger("captioner")
-
-_TYPES = {"int": int, "float": float, "str": str, "int | None": int}
 
 
 def add_dataclass_options(parser: argparse._ActionsContainer, cls, defaults: dict | None = None,
@@ -33,6 +31,7 @@ def add_dataclass_options(parser: argparse._ActionsContainer, cls, defaults: dic
     Help shows each field's help, bounds and default: the dataclass's, or, where the real default comes
     from elsewhere (a model's ``config.json``), ``default_note`` with the value in ``defaults``.
     """
+    kinds = field_types(cls)
     for item in fields(cls):
         if item.name.isupper():
             continue
@@ -42,10 +41,11 @@ def add_dataclass_options(parser: argparse._ActionsContainer, cls, defaults: dic
             default = repr(item.default if item.default is not MISSING else None)
         details = "; ".join(filter(None, [describe_bounds(item), f"default: {default}"]))
         kwargs: dict = {"default": None, "help": f"{item.metadata.get('help', '')} ({details})"}
-        if item.type == "bool":
+        kind = kinds[item.name][0]  # X of X | None: an absent flag is None already
+        if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = _TYPES[annotation(item)]
+            kwargs["type"] = kind
             if "choices" in item.metadata:
                 kwargs["choices"] = item.metadata["choices"]
             else:

@@ -147,7 +147,7 @@ class Preprocessing:
             values = getattr(self, name)
             if not isinstance(values, list) or len(values) != 3:
                 raise ConfigError(f"preprocessing: {name} must be a list of 3 numbers (one per RGB channel)")
-            setattr(self, name, [check_value(f"{name}[{i}]", v, "float", (low, 10.0), where="preprocessing")
+            setattr(self, name, [check_value(f"{name}[{i}]", v, float, (low, 10.0), where="preprocessing")
                                  for i, v in enumerate(values)])
 
     @classmethod

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def check_batch_size(batch_size: object) -> int:
-    return check_value("batch_size", batch_size, "int", (1, MAX_BATCH_SIZE))
+    return check_value("batch_size", batch_size, int, (1, MAX_BATCH_SIZE))
 
 
 @dataclass
@@ -127,7 +127,7 @@ class Captioner(nn.Module):
         runs two stages at once, each on half the cores (:func:`captioner.runtime.stage_threads`).
         """
         if num_threads is not None:
-            num_threads = check_value("num_threads", num_threads, "int", (1, MAX_THREADS))
+            num_threads = check_value("num_threads", num_threads, int, (1, MAX_THREADS))
         if path is None:
             path = BUNDLED_MODEL
             if not (path / checkpoint.CONFIG_FILE).is_file():
@@ -273,7 +273,7 @@ class Captioner(nn.Module):
         The labels come from ImageNet, not from the caption model; empty when the encoder's weights carry
         no ImageNet head. Accepts images or ``encode()`` features, like ``generate``.
         """
-        top_k = check_value("top_k", top_k, "int", (1, 1000))
+        top_k = check_value("top_k", top_k, int, (1, 1000))
         results = [row for features in self._feature_batches(inputs, 64) for row in self.encoder.classify(features, top_k)]
         return results if _is_batch(inputs) else results[0]
 

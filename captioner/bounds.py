@@ -18,7 +18,7 @@ import stat
 import types
 import typing
 from dataclasses import field, fields
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from .errors import CaptionerError, ConfigError
 
@@ -28,6 +28,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]  # the same parser under its former name
 
 
+T = TypeVar("T")
 SCALAR_TYPES = (int, float, str, bool)
 _WANTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
@@ -105,17 +106,39 @@ def check_fields(instance: Any, error: type[CaptionerError] = ConfigError, where
         object.__setattr__(instance, item.name, value)
 
 
-def check_options(cls: type, options: dict[str, Any], error: type[CaptionerError] = ConfigError,
-                  where: str = "") -> None:
-    """Check a subset of a dataclass's fields, given by name, against their types and bounds."""
+def check_object(cls: type, data: object, what: str = "field", where: str = "",
+                 error: type[CaptionerError] = ConfigError) -> dict[str, Any]:
+    """``data`` if it is an object (a ``dict``) whose every key is a field of dataclass ``cls``; else one ``error``
+    line naming all unknown keys, so a typo in a file or an option is reported instead of being ignored."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(data, dict):
+        raise error(f"{prefix}must be an object of {what}s, not {type(data).__name__}")
+    unknown = sorted(map(str, set(data) - {item.name for item in fields(cls)}))
+    if unknown:
+        raise error(f"{prefix}unknown {what}(s) {', '.join(unknown)}")
+    return data
+
+
+def check_options(cls: type, data: object, error: type[CaptionerError] = ConfigError,
+                  where: str = "", what: str = "option") -> dict[str, Any]:
+    """``data``, a subset of a dataclass's fields by name (:func:`check_object`), if each value has its field's
+    type and bounds."""
+    options = check_object(cls, data, what, where, error)
     by_name, kinds = {item.name: item for item in fields(cls)}, field_types(cls)
     for name, value in options.items():
-        if name not in by_name:
-            raise error(f"{where}: unknown option {name!r}" if where else f"unknown option {name!r}")
         item, (kind, optional) = by_name[name], kinds[name]
         if kind in SCALAR_TYPES:
             check_value(name, value, kind, item.metadata.get("range"), item.metadata.get("choices"), error, where,
                         optional)
+    return options
+
+
+def from_dict(cls: type[T], data: object, what: str = "field", where: str = "",
+              error: type[CaptionerError] = ConfigError) -> T:
+    """``cls(**data)`` for a JSON object from outside, strictly: ``data`` must be an object, each key a field
+    of dataclass ``cls`` (:func:`check_object`) and each value of its type and bounds, or one ``error`` line
+    naming ``where``. The one way a config dataclass is read from a file."""
+    return cls(**check_options(cls, data, error, where, what))
 
 
 UTF8_BOM = b"\xef\xbb\xbf"

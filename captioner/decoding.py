@@ -14,14 +14,14 @@ words plus ``<end>``).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .decoder import Decoder, DecoderEnsemble, State, StepDecoder
-from .bounds import check_fields, option
+from .bounds import check_fields, check_object, from_dict, option
 from .errors import CheckpointError, ConfigError
 from .vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
 
@@ -74,21 +74,14 @@ class GenerationConfig:
 
     def updated(self, **options) -> "GenerationConfig":
         """A copy with ``options`` applied (``None`` values keep the current setting), checked on construction."""
-        unknown = sorted(set(options) - {f.name for f in fields(self)})
-        if unknown:
-            raise ConfigError(f"unknown decoding option(s): {', '.join(unknown)}")
+        check_object(GenerationConfig, options, "decoding option")
         return replace(self, **{k: v for k, v in options.items() if v is not None})
 
     @classmethod
     def from_dict(cls, data: object, where: str = "generation") -> "GenerationConfig":
-        """A validated config from a JSON object (a checkpoint's ``generation`` or a config file)."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: must be an object of decoding options")
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"{where}: unknown decoding option(s): {', '.join(map(str, unknown))}")
+        """A checked config from a JSON object (a checkpoint's ``generation``), every problem naming ``where``."""
         try:
-            return cls(**data)
+            return from_dict(cls, data, "decoding option")
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
 

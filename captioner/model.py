@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -20,7 +20,7 @@ from torch import nn
 from . import checkpoint, onnx_engine
 from .decoder import Decoder, DecoderConfig, DecoderEnsemble, build_decoder, join_decoders
 from .decoding import Caption, GenerationConfig, generate, sequence_log_probs, to_captions
-from .bounds import check_value
+from .bounds import check_object, check_value, from_dict
 from .encoder import Encoder, EncoderConfig, fetch_pretrained, resolve_weights
 from .errors import CheckpointError, ConfigError
 from .images import ImageInput
@@ -61,14 +61,9 @@ class CaptionerConfig:
                 raise ConfigError("must be a JSON object")
             if data.get("format_version") != FORMAT_VERSION:
                 raise ConfigError(f"unsupported format_version {str(data.get('format_version'))[:20]!r}")
-            unknown = sorted(set(data) - {"format_version", "encoder", "decoder", "generation"})
-            if unknown:
-                raise ConfigError(f"unknown field(s) {', '.join(unknown)}")
+            check_object(cls, {key: value for key, value in data.items() if key != "format_version"})
             encoder = EncoderConfig.from_dict(data.get("encoder"))
-            decoder_data = data.get("decoder")
-            if not isinstance(decoder_data, dict) or set(decoder_data) - {f.name for f in fields(DecoderConfig)}:
-                raise ConfigError(f"decoder: must be an object of {', '.join(f.name for f in fields(DecoderConfig))}")
-            decoder = DecoderConfig(**decoder_data)
+            decoder = from_dict(DecoderConfig, data.get("decoder"), where="decoder")
             if decoder.feature_size != encoder.feature_size:
                 raise ConfigError(f"decoder expects {decoder.feature_size}-d features, encoder {encoder.name} gives "
                                   f"{encoder.feature_size}")

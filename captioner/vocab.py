@@ -108,8 +108,8 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":
-        words = read_json(path, MAX_VOCAB_FILE_BYTES, "vocabulary file", CheckpointError)
-        words = words.get("words") if isinstance(words, dict) else None
+        data = read_json(path, MAX_VOCAB_FILE_BYTES, "vocabulary file", CheckpointError)
+        words = data.get("words") if isinstance(data, dict) else None
         if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
             raise CheckpointError(f"{path}: 'words' must be a list of strings")
         try:

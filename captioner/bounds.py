@@ -10,23 +10,48 @@ declared. Floats must be finite.
 from __future__ import annotations
 
 import errno
+import functools
+import json
 import math
 import os
 import stat
-from dataclasses import Field, field, fields
-from typing import Any, BinaryIO
+import types
+import typing
+from dataclasses import field, fields
+from typing import Any, BinaryIO, TypeVar
 
 from .errors import CaptionerError, ConfigError
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]  # the same parser under its former name
 
-SCALAR_TYPES = ("int", "float", "str", "bool")
+
+T = TypeVar("T")
+SCALAR_TYPES = (int, float, str, bool)
+_WANTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-def annotation(item: Field) -> str:
-    """A field's type as written: a string, since option dataclasses postpone their annotations."""
-    if not isinstance(item.type, str):
-        raise TypeError(f"{item.name}: option dataclasses need `from __future__ import annotations`")
-    return item.type
+@functools.cache
+def field_types(cls: type) -> dict[str, tuple[type, bool]]:
+    """``{name: (type, optional)}`` of a dataclass's fields, each type resolved from its annotation (a string
+    under ``from __future__ import annotations``) and ``X | None`` split into ``(X, True)``.
+
+    Read from the types themselves (:func:`typing.get_type_hints`), not their spelling, so ``Optional[int]``,
+    ``None | int`` and ``int | None`` are one type. A field of another type (a list, a nested config) maps to
+    its origin (``list``) or itself: those check themselves.
+    """
+    hints = typing.get_type_hints(cls)
+    types_ = {}
+    for item in fields(cls):
+        hint, optional = hints[item.name], False
+        arguments = typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in arguments:
+            rest = [argument for argument in arguments if argument is not type(None)]
+            hint, optional = (rest[0], True) if len(rest) == 1 else (hint, False)
+        types_[item.name] = (typing.get_origin(hint) or hint, optional)
+    return types_
 
 
 def option(default: Any, help: str = "", **metadata: Any):
@@ -42,60 +67,78 @@ def option_like(cls: type, name: str, help: str = "") -> Any:
     return field(default=source.default, metadata=metadata)
 
 
-def check_value(name: str, value: Any, kind: str, range: tuple | None = None, choices: tuple | None = None,
-                error: type[CaptionerError] = ConfigError, where: str = "") -> Any:
-    """``value`` if it is of ``kind`` (``"int"``, ``"float"``, ``"str"``, ``"bool"``, optionally
-    ``"... | None"``) and within ``range`` (inclusive) or ``choices``; otherwise ``error``."""
+def check_value(name: str, value: Any, kind: type, range: tuple | None = None, choices: tuple | None = None,
+                error: type[CaptionerError] = ConfigError, where: str = "", optional: bool = False) -> Any:
+    """``value`` if it is of ``kind`` (``int``, ``float``, ``str`` or ``bool``; or ``None`` when ``optional``)
+    and within ``range`` (inclusive) or ``choices``; otherwise ``error``."""
     prefix = f"{where}: " if where else ""
-    optional = kind.endswith("| None")
-    kind = kind.removesuffix("| None").strip()
     if value is None and optional:
         return None
-    if kind == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok and not math.isfinite(value):
-            raise error(f"{prefix}{name} must be a finite number, not {value!r}")
-    elif kind == "bool":
-        ok = isinstance(value, bool)
-    elif kind == "str":
-        ok = isinstance(value, str)
-    else:
+    if kind not in SCALAR_TYPES:
         raise TypeError(f"unsupported option type {kind!r} for {name}")
+    if kind is bool:
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
+        if ok and kind is float and not math.isfinite(value):
+            raise error(f"{prefix}{name} must be a finite number, not {value!r}")
     if not ok:
-        wanted = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[kind]
-        raise error(f"{prefix}{name} must be {wanted}, not {_show(value)}")
+        raise error(f"{prefix}{name} must be {_WANTED[kind]}, not {_show(value)}")
     if choices is not None and value not in choices:
         raise error(f"{prefix}{name} must be one of {', '.join(map(str, choices))}, not {_show(value)}")
     if range is not None:
         low, high = range
         if not low <= value <= high:
             raise error(f"{prefix}{name} must be between {low} and {high}, not {_show(value)}")
-    return float(value) if kind == "float" else value
+    return float(value) if kind is float else value
 
 
 def check_fields(instance: Any, error: type[CaptionerError] = ConfigError, where: str = "") -> None:
     """Check every field of a dataclass instance against its declared type and metadata bounds."""
+    cls: type = type(instance)
+    kinds = field_types(cls)
     for item in fields(instance):
-        if annotation(item).removesuffix("| None").strip() not in SCALAR_TYPES:
+        kind, optional = kinds[item.name]
+        if kind not in SCALAR_TYPES:
             continue  # lists and nested configs check themselves
-        value = check_value(item.name, getattr(instance, item.name), annotation(item), item.metadata.get("range"),
-                            item.metadata.get("choices"), error, where)
+        value = check_value(item.name, getattr(instance, item.name), kind, item.metadata.get("range"),
+                            item.metadata.get("choices"), error, where, optional)
         object.__setattr__(instance, item.name, value)
 
 
-def check_options(cls: type, options: dict[str, Any], error: type[CaptionerError] = ConfigError,
-                  where: str = "") -> None:
-    """Check a subset of a dataclass's fields, given by name, against their types and bounds."""
-    by_name = {item.name: item for item in fields(cls)}
+def check_object(cls: type, data: object, what: str = "field", where: str = "",
+                 error: type[CaptionerError] = ConfigError) -> dict[str, Any]:
+    """``data`` if it is an object (a ``dict``) whose every key is a field of dataclass ``cls``; else one ``error``
+    line naming all unknown keys, so a typo in a file or an option is reported instead of being ignored."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(data, dict):
+        raise error(f"{prefix}must be an object of {what}s, not {type(data).__name__}")
+    unknown = sorted(map(str, set(data) - {item.name for item in fields(cls)}))
+    if unknown:
+        raise error(f"{prefix}unknown {what}(s) {', '.join(unknown)}")
+    return data
+
+
+def check_options(cls: type, data: object, error: type[CaptionerError] = ConfigError,
+                  where: str = "", what: str = "option") -> dict[str, Any]:
+    """``data``, a subset of a dataclass's fields by name (:func:`check_object`), if each value has its field's
+    type and bounds."""
+    options = check_object(cls, data, what, where, error)
+    by_name, kinds = {item.name: item for item in fields(cls)}, field_types(cls)
     for name, value in options.items():
-        if name not in by_name:
-            raise error(f"{where}: unknown option {name!r}" if where else f"unknown option {name!r}")
-        item = by_name[name]
-        if annotation(item).removesuffix("| None").strip() in SCALAR_TYPES:
-            check_value(name, value, annotation(item), item.metadata.get("range"), item.metadata.get("choices"), error,
-                        where)
+        item, (kind, optional) = by_name[name], kinds[name]
+        if kind in SCALAR_TYPES:
+            check_value(name, value, kind, item.metadata.get("range"), item.metadata.get("choices"), error, where,
+                        optional)
+    return options
+
+
+def from_dict(cls: type[T], data: object, what: str = "field", where: str = "",
+              error: type[CaptionerError] = ConfigError) -> T:
+    """``cls(**data)`` for a JSON object from outside, strictly: ``data`` must be an object, each key a field
+    of dataclass ``cls`` (:func:`check_object`) and each value of its type and bounds, or one ``error`` line
+    naming ``where``. The one way a config dataclass is read from a file."""
+    return cls(**check_options(cls, data, error, where, what))
 
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -103,8 +146,9 @@ _KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a pipe", stat.S_IFCHR: "a dev
           stat.S_IFSOCK: "a socket"}
 
 
-def open_regular(path: str | os.PathLike, name: str, what: str, instead: str = "", pipes: bool = False) -> BinaryIO:
-    """Regular file ``path`` (or, with ``pipes``, a pipe) opened for reading, or a one-line :class:`ConfigError`
+def open_regular(path: str | os.PathLike, name: str, what: str, instead: str = "", pipes: bool = False,
+                 error: type[CaptionerError] = ConfigError) -> BinaryIO:
+    """Regular file ``path`` (or, with ``pipes``, a pipe) opened for reading, or a one-line ``error``
     starting with ``name``: ``<what> not found``, ``cannot read the <what> (reason)`` or ``<what> is not a
     regular file (a device)`` followed by ``instead``.
 
@@ -115,39 +159,66 @@ def open_regular(path: str | os.PathLike, name: str, what: str, instead: str = "
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ConfigError(f"{name}: {what} not found") from None
+        raise error(f"{name}: {what} not found") from None
     except OSError as exc:
         if exc.errno == errno.ENXIO:  # what opening a socket gives
-            raise ConfigError(f"{name}: {what} is not a regular file (a socket or device){instead}") from None
-        raise ConfigError(f"{name}: cannot read the {what} ({exc.strerror or exc})") from None
+            raise error(f"{name}: {what} is not a regular file (a socket or device){instead}") from None
+        raise error(f"{name}: cannot read the {what} ({exc.strerror or exc})") from None
     mode = os.fstat(descriptor).st_mode
     if not (stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode))):
         os.close(descriptor)
-        raise ConfigError(f"{name}: {what} is not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special')}){instead}")
+        raise error(f"{name}: {what} is not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special')}){instead}")
     os.set_blocking(descriptor, True)
     return open(descriptor, "rb")
 
 
-def read_limited(handle: BinaryIO, limit: int, name: str, what: str) -> bytes:
+def read_limited(handle: BinaryIO, limit: int, name: str, what: str,
+                 error: type[CaptionerError] = ConfigError) -> bytes:
     """At most ``limit`` bytes of ``handle`` (never more than ``limit + 1`` in memory), a leading UTF-8 BOM
-    (which Windows editors write) removed; else ``ConfigError``: ``<name>: <what> larger than <limit> bytes``."""
+    (which Windows editors write) removed; else ``error``: ``<name>: <what> larger than <limit> bytes``."""
     raw = handle.read(limit + 1)
     if len(raw) > limit:
-        raise ConfigError(f"{name}: {what} larger than {limit} bytes")
+        raise error(f"{name}: {what} larger than {limit} bytes")
     return raw.removeprefix(UTF8_BOM)
 
 
 def read_bounded(path: str | os.PathLike, limit: int, name: str, what: str, instead: str = "",
-                 pipes: bool = False) -> bytes:
+                 pipes: bool = False, error: type[CaptionerError] = ConfigError) -> bytes:
     """The bytes of regular file ``path`` (:func:`open_regular`) as :func:`read_limited` gives them; one that is
     larger than ``limit`` by its size is refused unread."""
-    with open_regular(path, name, what, instead, pipes) as handle:
+    with open_regular(path, name, what, instead, pipes, error) as handle:
         if os.fstat(handle.fileno()).st_size > limit:
-            raise ConfigError(f"{name}: {what} larger than {limit} bytes")
+            raise error(f"{name}: {what} larger than {limit} bytes")
         try:
-            return read_limited(handle, limit, name, what)
+            return read_limited(handle, limit, name, what, error)
         except OSError as exc:
-            raise ConfigError(f"{name}: cannot read the {what} ({exc.strerror or exc})") from None
+            raise error(f"{name}: cannot read the {what} ({exc.strerror or exc})") from None
+
+
+def read_json(path: str | os.PathLike, limit: int, what: str, error: type[CaptionerError] = ConfigError,
+              toml: bool = False) -> Any:
+    """The parsed JSON (or, with ``toml``, TOML) of file ``path``, read by :func:`read_bounded`.
+
+    The one reader of every JSON file that comes from outside (config files, annotations, checkpoints), so
+    each fails the same way: one ``error`` line naming the file, never a traceback or a parser's
+    multi-line message.
+    """
+    name = str(path)
+    raw = read_bounded(path, limit, name, what, error=error)
+    syntax = "TOML" if toml else "JSON"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{name}: invalid {what} (not UTF-8 text: invalid byte at offset {exc.start})") from None
+    try:
+        return tomllib.loads(text) if toml else json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{name}: invalid {what} (malformed JSON at line {exc.lineno}, column {exc.colno}: "
+                    f"{exc.msg})") from None
+    except ValueError as exc:  # a TOML syntax error, or an integer of more than 4300 digits
+        raise error(f"{name}: invalid {what} (unusable {syntax}: {str(exc).partition(chr(10))[0]})") from None
+    except RecursionError:
+        raise error(f"{name}: invalid {what} ({syntax} nested too deeply)") from None
 
 
 def describe_bounds(item) -> str:

@@ -185,7 +185,7 @@ def without_outputs(files: Sequence[str], outputs: Sequence[Path], known: Contai
 
 def check_workers(num_workers: object) -> int:
     """``--num-workers``: an integer from 0 to ``MAX_WORKERS``, or :class:`ConfigError`."""
-    return check_value("--num-workers", num_workers, "int", (0, MAX_WORKERS))
+    return check_value("--num-workers", num_workers, int, (0, MAX_WORKERS))
 
 
 # ---------------------------------------------------------------------------------------- records

@@ -15,11 +15,13 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from . import bounds
 from .errors import CaptionerError, CheckpointError, OutputError
 
 CONFIG_FILE, VOCAB_FILE, MODEL_FILE, ENCODER_FILE = "config.json", "vocab.json", "model.safetensors", "encoder.safetensors"
@@ -213,16 +215,9 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES):
-    """Parsed JSON of a checkpoint file, size-bounded; any problem is one :class:`CheckpointError` line."""
-    try:
-        if path.stat().st_size > max_bytes:
-            raise CheckpointError(f"{path}: {path.stat().st_size:,} bytes, above the limit of {max_bytes:,}")
-        return json.loads(path.read_text(encoding="utf-8"))
-    except RecursionError:
-        raise CheckpointError(f"{path}: unreadable JSON (nested too deeply)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable JSON ({exc})") from None
+def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parsed JSON of a checkpoint file (:func:`captioner.bounds.read_json`), problems as :class:`CheckpointError`."""
+    return bounds.read_json(path, max_bytes, "checkpoint file", CheckpointError)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -18,17 +18,10 @@ from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .bounds import annotation, check_options, describe_bounds, read_bounded
+from .bounds import check_options, describe_bounds, field_types, read_json
 from .errors import CaptionerError, ConfigError
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]  # the same parser under its former name
-
 log = logging.getLogger("captioner")
-
-_TYPES = {"int": int, "float": float, "str": str, "int | None": int}
 
 
 def add_dataclass_options(parser: argparse._ActionsContainer, cls, defaults: dict | None = None,
@@ -38,6 +31,7 @@ def add_dataclass_options(parser: argparse._ActionsContainer, cls, defaults: dic
     Help shows each field's help, bounds and default: the dataclass's, or, where the real default comes
     from elsewhere (a model's ``config.json``), ``default_note`` with the value in ``defaults``.
     """
+    kinds = field_types(cls)
     for item in fields(cls):
         if item.name.isupper():
             continue
@@ -47,10 +41,11 @@ def add_dataclass_options(parser: argparse._ActionsContainer, cls, defaults: dic
             default = repr(item.default if item.default is not MISSING else None)
         details = "; ".join(filter(None, [describe_bounds(item), f"default: {default}"]))
         kwargs: dict = {"default": None, "help": f"{item.metadata.get('help', '')} ({details})"}
-        if item.type == "bool":
+        kind = kinds[item.name][0]  # X of X | None: an absent flag is None already
+        if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = _TYPES[annotation(item)]
+            kwargs["type"] = kind
             if "choices" in item.metadata:
                 kwargs["choices"] = item.metadata["choices"]
             else:
@@ -68,15 +63,7 @@ MAX_CONFIG_BYTES = 1_000_000
 
 def read_config_file(path: str) -> dict:
     """Options from a JSON or TOML file (keys are option names, with ``_`` or ``-``) of at most 1 MB."""
-    file = Path(path)
-    raw = read_bounded(file, MAX_CONFIG_BYTES, path, "config file")
-    try:
-        text = raw.decode("utf-8")
-        data = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(f"{path}: invalid config file ({str(exc).partition(chr(10))[0]})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: invalid config file (nested too deeply)") from None
+    data = read_json(path, MAX_CONFIG_BYTES, "config file", ConfigError, toml=Path(path).suffix == ".toml")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: config file must hold a table/object of options")
     return data

@@ -10,10 +10,8 @@ Every problem in a file is collected before anything is reported, so a user fixe
 
 from __future__ import annotations
 
-import json
 import os
 import reprlib
-import stat
 from typing import TypeGuard
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from .bounds import read_json
 from .errors import DataError
-from .vocab import END_ID, PAD_ID, START_ID, Vocabulary, tokenize
+from .vocab import END_ID, START_ID, Vocabulary, pad, tokenize
 
 MAX_EXAMPLES = 3
 MAX_ANNOTATION_BYTES = 2 * 1024**3  # larger files are refused unread (parsed, 2 GB of JSON takes about 20 GB)
@@ -63,7 +62,7 @@ def load_captions(
     annotation_file, image_dir = Path(annotation_file), Path(image_dir)
     if not image_dir.is_dir():
         raise DataError(f"{image_dir}: image folder not found")
-    data = _read_json(annotation_file)
+    data = read_json(annotation_file, MAX_ANNOTATION_BYTES, "annotation file", DataError)
     problems = _Problems(annotation_file)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{annotation_file}: expected a JSON object with an 'images' list")
@@ -123,32 +122,6 @@ def _is_file(path: Path) -> bool:
         return path.is_file()
     except OSError:  # e.g. a path longer than the system allows
         return False
-
-
-def _read_json(path: Path):
-    try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):
-            raise DataError(f"{path}: not a regular file")
-        if info.st_size > MAX_ANNOTATION_BYTES:
-            raise DataError(f"{path}: {info.st_size} bytes, larger than the {MAX_ANNOTATION_BYTES} accepted")
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: annotation file not found") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    except ValueError as exc:  # e.g. an integer of more than 4300 digits
-        raise DataError(f"{path}: unusable JSON ({exc})") from None
-    except RecursionError:
-        raise DataError(f"{path}: JSON nested too deeply") from None
 
 
 def _caption_problem(caption) -> str | None:
@@ -304,16 +277,13 @@ class EncodedCaptions:
 
 def encode_captions(records: Sequence[ImageCaptions], vocab: Vocabulary, max_length: int) -> EncodedCaptions:
     """Turn every caption into ids, cut to ``max_length`` words (the count of cuts is reported)."""
-    rows, lengths, owners, truncated = [], [], [], 0
+    rows, owners, truncated = [], [], 0
     for index, record in enumerate(records):
         for caption in record.captions:
             ids = vocab.encode(caption)
             if len(ids) > max_length:
                 ids, truncated = ids[:max_length], truncated + 1
             rows.append([START_ID, *ids, END_ID])
-            lengths.append(len(ids) + 2)
             owners.append(index)
-    tokens = torch.full((len(rows), max(lengths)), PAD_ID, dtype=torch.long)
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row)
-    return EncodedCaptions(tokens, torch.tensor(lengths), torch.tensor(owners), truncated)
+    tokens, lengths = pad(rows)
+    return EncodedCaptions(tokens, lengths, torch.tensor(owners), truncated)

@@ -92,8 +92,8 @@ def average_probabilities(log_probs: list[torch.Tensor]) -> torch.Tensor:
     """``log(mean(p_i))`` of the members' log-probabilities: the ensemble's own normalised log-probabilities.
 
     Written as elementwise operations (shifted by the members' maximum, as ``logsumexp`` does) rather than
-    ``logsumexp`` over a stacked axis: exported to ONNX, that reduction took a third of a 96-row ensemble
-    step in ONNX Runtime (5.2 of 15.3 ms, one thread), these operations a few percent.
+    ``logsumexp`` over a stacked axis: exported to ONNX, that reduction took a large share of an ensemble
+    step in ONNX Runtime, these operations a small one (measured with benchmarks/onnx_speed.py).
     """
     peak = functools.reduce(torch.maximum, log_probs)
     total = functools.reduce(torch.add, [(member - peak).exp() for member in log_probs])
@@ -173,8 +173,8 @@ class Decoder(nn.Module):
     def _lstm_cell_step(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """The LSTM's equations for one step, written out (inference only: no dropout between layers).
 
-        On the CPU, oneDNN's LSTM kernel costs more than this for the few rows of a single image's search
-        (beam 5, one image: 13 ms instead of 18), and less for a batch (256 images: 210 against 180 images/s).
+        On the CPU, oneDNN's LSTM kernel costs more than this for the few rows of a single image's search,
+        and less for a large batch (benchmarks/decode_speed.py measures both).
         """
         hiddens, cells = [], []
         for layer in range(self.config.num_layers):

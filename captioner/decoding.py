@@ -14,14 +14,14 @@ words plus ``<end>``).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .decoder import Decoder, DecoderEnsemble, State, StepDecoder
-from .bounds import check_fields, option
+from .bounds import check_fields, check_object, from_dict, option
 from .errors import CheckpointError, ConfigError
 from .vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
 
@@ -34,12 +34,13 @@ MAX_BEAM_SIZE = MAX_RETURN_SEQUENCES = 64  # bounds memory: batch x 64 rows x vo
 MAX_LENGTH = 100  # words; bounds time (steps) and memory (the history of every row)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationConfig:
     """Decoding options; the same names are API keywords, CLI flags and app controls.
 
-    Each field's bounds live in its metadata and are enforced by :meth:`validate` (strict types: ``True``
+    Each field's bounds live in its metadata and are enforced on construction (strict types: ``True``
     is not an ``int``), so a bad value from an option, a config file or a checkpoint fails the same way.
+    Frozen, so that no field changes without that check: :meth:`updated` builds a new, checked config.
     """
 
     strategy: str = option("beam", "beam search, greedy, or sampling", choices=STRATEGIES)
@@ -61,44 +62,28 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         check_fields(self, ConfigError)
         if self.strategy == "beam" and self.num_return_sequences > self.beam_size:
-            # An n-best list needs as many beams: raised here, the same in the API, the CLI and the app.
+            # An n-best list needs as many beams: widened here, on every construction, so the API, the CLI and
+            # the app agree, and no config ever holds fewer beams than captions asked for.
             log.info("beam_size raised from %d to %d to return %d captions", self.beam_size,
                      self.num_return_sequences, self.num_return_sequences)
-            self.beam_size = self.num_return_sequences
-        self.validate()
+            object.__setattr__(self, "beam_size", self.num_return_sequences)
+        if self.strategy == "greedy" and self.num_return_sequences != 1:
+            raise ConfigError("greedy decoding returns one caption; use beam or sample for several")
+        if self.min_length > self.max_length:
+            raise ConfigError("min_length cannot exceed max_length")
 
     def updated(self, **options) -> "GenerationConfig":
-        """A copy with ``options`` applied (``None`` values keep the current setting), validated."""
-        unknown = sorted(set(options) - {f.name for f in fields(self)})
-        if unknown:
-            raise ConfigError(f"unknown decoding option(s): {', '.join(unknown)}")
+        """A copy with ``options`` applied (``None`` values keep the current setting), checked on construction."""
+        check_object(GenerationConfig, options, "decoding option")
         return replace(self, **{k: v for k, v in options.items() if v is not None})
 
     @classmethod
     def from_dict(cls, data: object, where: str = "generation") -> "GenerationConfig":
-        """A validated config from a JSON object (a checkpoint's ``generation`` or a config file)."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: must be an object of decoding options")
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"{where}: unknown decoding option(s): {', '.join(map(str, unknown))}")
+        """A checked config from a JSON object (a checkpoint's ``generation``), every problem naming ``where``."""
         try:
-            return cls(**data)
+            return from_dict(cls, data, "decoding option")
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-
-    def validate(self) -> None:
-        check_fields(self, ConfigError)
-        checks = [
-            (self.strategy != "beam" or self.num_return_sequences <= self.beam_size,
-             "num_return_sequences cannot exceed beam_size"),
-            (self.strategy != "greedy" or self.num_return_sequences == 1,
-             "greedy decoding returns one caption; use beam or sample for several"),
-            (self.min_length <= self.max_length, "min_length cannot exceed max_length"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -20,12 +20,12 @@ from torch import nn
 from . import checkpoint, onnx_engine
 from .decoder import Decoder, DecoderConfig, DecoderEnsemble, build_decoder, join_decoders
 from .decoding import Caption, GenerationConfig, generate, sequence_log_probs, to_captions
-from .bounds import check_value
+from .bounds import check_object, check_value, from_dict
 from .encoder import Encoder, EncoderConfig, fetch_pretrained, resolve_weights
 from .errors import CheckpointError, ConfigError
 from .images import ImageInput
 from .runtime import BUNDLED_MODEL, pick_device
-from .vocab import END_ID, START_ID, PAD_ID, Vocabulary
+from .vocab import END_ID, START_ID, Vocabulary, pad
 
 FORMAT_VERSION = 1
 Inputs = Union[ImageInput, Sequence[ImageInput], torch.Tensor]
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def check_batch_size(batch_size: object) -> int:
-    return check_value("batch_size", batch_size, "int", (1, MAX_BATCH_SIZE))
+    return check_value("batch_size", batch_size, int, (1, MAX_BATCH_SIZE))
 
 
 @dataclass
@@ -61,14 +61,9 @@ class CaptionerConfig:
                 raise ConfigError("must be a JSON object")
             if data.get("format_version") != FORMAT_VERSION:
                 raise ConfigError(f"unsupported format_version {str(data.get('format_version'))[:20]!r}")
-            unknown = sorted(set(data) - {"format_version", "encoder", "decoder", "generation"})
-            if unknown:
-                raise ConfigError(f"unknown field(s) {', '.join(unknown)}")
+            check_object(cls, {key: value for key, value in data.items() if key != "format_version"})
             encoder = EncoderConfig.from_dict(data.get("encoder"))
-            decoder_data = data.get("decoder")
-            if not isinstance(decoder_data, dict) or set(decoder_data) - {f.name for f in fields(DecoderConfig)}:
-                raise ConfigError(f"decoder: must be an object of {', '.join(f.name for f in fields(DecoderConfig))}")
-            decoder = DecoderConfig(**decoder_data)
+            decoder = from_dict(DecoderConfig, data.get("decoder"), where="decoder")
             if decoder.feature_size != encoder.feature_size:
                 raise ConfigError(f"decoder expects {decoder.feature_size}-d features, encoder {encoder.name} gives "
                                   f"{encoder.feature_size}")
@@ -127,7 +122,7 @@ class Captioner(nn.Module):
         runs two stages at once, each on half the cores (:func:`captioner.runtime.stage_threads`).
         """
         if num_threads is not None:
-            num_threads = check_value("num_threads", num_threads, "int", (1, MAX_THREADS))
+            num_threads = check_value("num_threads", num_threads, int, (1, MAX_THREADS))
         if path is None:
             path = BUNDLED_MODEL
             if not (path / checkpoint.CONFIG_FILE).is_file():
@@ -273,7 +268,7 @@ class Captioner(nn.Module):
         The labels come from ImageNet, not from the caption model; empty when the encoder's weights carry
         no ImageNet head. Accepts images or ``encode()`` features, like ``generate``.
         """
-        top_k = check_value("top_k", top_k, "int", (1, 1000))
+        top_k = check_value("top_k", top_k, int, (1, 1000))
         results = [row for features in self._feature_batches(inputs, 64) for row in self.encoder.classify(features, top_k)]
         return results if _is_batch(inputs) else results[0]
 
@@ -290,10 +285,7 @@ class Captioner(nn.Module):
         if len(texts) != len(features):
             raise ConfigError(f"got {len(features)} images but {len(texts)} captions")
         ids = [[START_ID, *self.vocab.encode(text), END_ID] for text in texts]
-        tokens = torch.full((len(ids), max(map(len, ids))), PAD_ID, dtype=torch.long)
-        for row, sequence in zip(tokens, ids):
-            row[: len(sequence)] = torch.tensor(sequence)
-        lengths = torch.tensor([len(sequence) for sequence in ids])
+        tokens, lengths = pad(ids)
         scores = sequence_log_probs(self.decoder, features, tokens.to(self.device), lengths).tolist()
         return scores if batch else scores[0]
 

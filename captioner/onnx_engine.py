@@ -110,7 +110,7 @@ class _DecoderStep(nn.Module):
     ``W_ih embedding(word) + b_ih`` is precomputed for the whole vocabulary, so a step reads one row of that
     table instead of the ``W_ih`` matrix: a third less memory traffic per step, for a larger file. Each
     member's matrix products stay 2-D ``Gemm`` nodes over its slice of the stacked state: a batched 3-D
-    ``MatMul`` over the members measured slower in ONNX Runtime (1.15 against 0.66 ms for a 3-row step).
+    ``MatMul`` over the members measured slower in ONNX Runtime (see benchmarks/onnx_speed.py).
     """
 
     def __init__(self, decoder: Decoder | DecoderEnsemble):
@@ -383,7 +383,7 @@ def _session(model: bytes, name: str, num_threads: int | None = None):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = num_threads or torch.get_num_threads()  # PyTorch's default: the physical cores
     options.inter_op_num_threads = 1
-    # Spinning threads took 175 instead of 37 ms per caption with a second model or PyTorch in the process.
+    # Spinning threads measured several times slower per caption with a second model or PyTorch in the process.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])

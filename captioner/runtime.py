@@ -33,8 +33,8 @@ def cache_dir(kind: str) -> Path:
 
 def stage_threads() -> int:
     """CPU threads for each of two stages run at once (bulk captioning encodes one batch while it decodes the
-    previous): half of PyTorch's count. Two stages on all the cores each fight over them: on 2 cores that took
-    26-28 instead of 18-20 ms of CPU time per photo."""
+    previous): half of PyTorch's count. Two stages on all the cores each fight over them, which measured more
+    CPU time per photo (benchmarks/bulk_caption.py)."""
     return max(1, torch.get_num_threads() // 2)
 
 

@@ -6,9 +6,9 @@ decoder's and decoding's options take their defaults and bounds from their own d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from .bounds import check_fields, check_options, option, option_like
+from .bounds import check_fields, from_dict, option, option_like
 from .decoder import DecoderConfig
 from .decoding import GenerationConfig
 from .encoder import BACKBONES, DEFAULT_ENCODER, VIEWS
@@ -102,10 +102,4 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        normalised = {key.replace("-", "_"): value for key, value in data.items()}
-        unknown = sorted(set(normalised) - names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
-        check_options(cls, normalised, ConfigError, source)
-        return cls(**normalised)
+        return from_dict(cls, {key.replace("-", "_"): value for key, value in data.items()}, "option", source)

@@ -18,13 +18,12 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from . import checkpoint
-from .bounds import annotation
+from .bounds import field_types
 from .distributed import Distributed
 from .errors import CheckpointError, ConfigError
 from .train_config import TrainConfig
 
 TRAINER_FILE, STATE_FILE = checkpoint.TRAINER_FILE, checkpoint.STATE_FILE
-_PROGRESS_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str}
 
 
 @dataclass
@@ -67,9 +66,9 @@ def restore(last: Path, config: TrainConfig, dist: Distributed,
     tensors = checkpoint.load_tensors(last / STATE_FILE)
     try:
         progress = Progress(**saved["progress"])
-        for item in fields(Progress):
-            if not isinstance(getattr(progress, item.name), _PROGRESS_TYPES.get(annotation(item), list)):
-                raise TypeError(f"progress.{item.name} has the wrong type")
+        for name, (kind, _) in field_types(Progress).items():
+            if not isinstance(getattr(progress, name), (int, float) if kind is float else kind):
+                raise TypeError(f"progress.{name} has the wrong type")
         optimizer, scheduler = make_optimizer(progress.phase)
         _restore_optimizer(optimizer, tensors, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])

@@ -13,9 +13,11 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import torch
 from nltk.tokenize import word_tokenize
 from nltk.tokenize.treebank import TreebankWordDetokenizer
 
+from .bounds import read_json
 from .errors import CheckpointError, ConfigError
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
@@ -38,6 +40,18 @@ def tokenize(text: str) -> list[str]:
         if not _PUNCTUATION.match(token):
             tokens.append(token)
     return tokens
+
+
+def pad(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens, lengths)``: the id sequences as one ``<pad>``-filled long tensor, and each one's length.
+
+    The one place a batch of token rows is built, so training, scoring and the decoder agree on padding.
+    """
+    lengths = torch.tensor([len(sequence) for sequence in sequences])
+    tokens = torch.full((len(sequences), max(lengths.tolist(), default=0)), PAD_ID, dtype=torch.long)
+    for row, sequence in zip(tokens, sequences):
+        row[: len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return tokens, lengths
 
 
 def detokenize(tokens: Sequence[str]) -> str:
@@ -94,15 +108,8 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":
-        try:
-            if Path(path).stat().st_size > MAX_VOCAB_FILE_BYTES:
-                raise CheckpointError(f"{path}: vocabulary file above {MAX_VOCAB_FILE_BYTES:,} bytes")
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-            words = data["words"]
-        except RecursionError:
-            raise CheckpointError(f"{path}: not a valid vocabulary file (JSON nested too deeply)") from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{path}: not a valid vocabulary file ({exc})") from None
+        data = read_json(path, MAX_VOCAB_FILE_BYTES, "vocabulary file", CheckpointError)
+        words = data.get("words") if isinstance(data, dict) else None
         if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
             raise CheckpointError(f"{path}: 'words' must be a list of strings")
         try:

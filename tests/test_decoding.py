@@ -159,3 +159,21 @@ def test_finished_rows_are_not_stepped(trained_model, features, strategy):
     rescored = trained_model.score(features.repeat_interleave(config.num_return_sequences, 0),
                                    [c.text for row in to_captions(recorded, trained_model.vocab) for c in row])
     assert rescored == pytest.approx(recorded.token_log_probs.sum(-1).flatten().tolist(), abs=1e-3)
+
+
+def test_generation_config_is_frozen_and_checked_on_every_construction():
+    """No field changes without the checks: assignment is refused, and updated() builds a checked copy."""
+    import dataclasses
+
+    config = GenerationConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.beam_size = 0  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="beam_size must be between 1 and 64"):
+        config.updated(beam_size=0)
+    with pytest.raises(ConfigError, match="min_length cannot exceed max_length"):
+        config.updated(min_length=10, max_length=5)
+    with pytest.raises(ConfigError, match="greedy decoding returns one caption"):
+        dataclasses.replace(config, strategy="greedy", num_return_sequences=2)
+    # More captions than beams widens the beam (the app, the API and the CLI alike), on an update too.
+    widened = config.updated(beam_size=2, num_return_sequences=5)
+    assert (widened.beam_size, widened.num_return_sequences, config.beam_size) == (5, 5, 3)

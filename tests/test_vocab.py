@@ -1,9 +1,10 @@
 import json
 
 import pytest
+import torch
 
 from captioner.errors import CheckpointError
-from captioner.vocab import END_ID, PAD_ID, SPECIAL_TOKENS, START_ID, UNK_ID, Vocabulary, detokenize, tokenize
+from captioner.vocab import END_ID, PAD_ID, SPECIAL_TOKENS, START_ID, UNK_ID, Vocabulary, detokenize, pad, tokenize
 
 
 def test_tokenize_lowercases_and_drops_punctuation():
@@ -46,3 +47,19 @@ def test_load_rejects_invalid_files(tmp_path, content):
     (tmp_path / "vocab.json").write_text(content)
     with pytest.raises(CheckpointError):
         Vocabulary.load(tmp_path / "vocab.json")
+
+
+def test_oversized_file_is_one_error_not_wrapped_twice(tmp_path, monkeypatch):
+    """The size error is the reader's own CheckpointError line, not re-wrapped as "not a valid vocabulary file"."""
+    monkeypatch.setattr("captioner.vocab.MAX_VOCAB_FILE_BYTES", 10)
+    Vocabulary.build(["a dog runs fast"], min_count=1).save(tmp_path / "vocab.json")
+    with pytest.raises(CheckpointError) as error:
+        Vocabulary.load(tmp_path / "vocab.json")
+    assert str(error.value) == f"{tmp_path / 'vocab.json'}: vocabulary file larger than 10 bytes"
+
+
+def test_pad_fills_with_pad_id_and_gives_lengths():
+    tokens, lengths = pad([[START_ID, 7, END_ID], [START_ID, END_ID], [START_ID, 5, 6, END_ID]])
+    assert tokens.tolist() == [[START_ID, 7, END_ID, PAD_ID], [START_ID, END_ID, PAD_ID, PAD_ID],
+                               [START_ID, 5, 6, END_ID]]
+    assert tokens.dtype == torch.long and lengths.tolist() == [3, 2, 4]

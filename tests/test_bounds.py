@@ -1,0 +1,97 @@
+"""The shared checks of captioner.bounds, on small dataclasses of their own."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+from conftest import ROOT
+
+from captioner.bounds import check_fields, field_types, from_dict, option
+from captioner.decoding import GenerationConfig
+from captioner.encoder import EncoderConfig
+from captioner.errors import CaptionerError, ConfigError
+from captioner.model import CaptionerConfig
+from captioner.train_config import TrainConfig
+
+
+@dataclass
+class Options:
+    count: int | None = option(None, range=(1, 9))
+    ratio: Optional[float] = option(None, range=(0.0, 1.0))
+    name: None | str = option(None)
+    flag: bool = option(False)
+    sizes: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def test_field_types_are_read_from_the_types_not_their_spelling():
+    assert field_types(Options) == {"count": (int, True), "ratio": (float, True), "name": (str, True),
+                                    "flag": (bool, False), "sizes": (list, True)}
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(count=0), "count must be between 1 and 9, not 0"),
+    (dict(count=2.5), "count must be an integer, not 2.5"),
+    (dict(ratio="0.5"), "ratio must be a number, not '0.5'"),
+    (dict(ratio=float("nan")), "ratio must be a finite number"),
+    (dict(name=3), "name must be a string, not 3"),
+    (dict(flag=None), "flag must be true or false, not None"),
+])
+def test_optional_fields_are_checked_like_the_others(options, message):
+    with pytest.raises(ConfigError, match=message):
+        Options(**options)
+
+
+def test_optional_fields_accept_none_and_their_type():
+    assert Options() == Options(None, None, None, False, None)
+    assert Options(count=3, ratio=1, name="x", sizes=[1]).ratio == 1.0 and isinstance(Options(ratio=1).ratio, float)
+
+
+BUNDLED_CONFIG = json.loads((ROOT / "assets" / "model" / "config.json").read_text())
+
+
+def _with(path: tuple[str, ...], **extra) -> dict:
+    config = copy.deepcopy(BUNDLED_CONFIG)
+    functools.reduce(lambda node, key: node[key], path, config).update(extra)
+    return config
+
+
+@pytest.mark.parametrize("load, message", [
+    (lambda: CaptionerConfig.from_dict(_with((), surprise=1)), "unknown field(s) surprise"),
+    (lambda: CaptionerConfig.from_dict(_with(("decoder",), surprise=1)), "decoder: unknown field(s) surprise"),
+    (lambda: EncoderConfig.from_dict(_with(("encoder",), surprise=1)["encoder"]), "encoder: unknown field(s) surprise"),
+    (lambda: EncoderConfig.from_dict(_with(("encoder", "preprocessing"), surprise=1)["encoder"]),
+     "preprocessing: unknown field(s) surprise"),
+    (lambda: GenerationConfig.from_dict({"surprise": 1, "beam_size": 2}), "generation: unknown decoding option(s) surprise"),
+    (lambda: GenerationConfig().updated(surprise=1, other=2), "unknown decoding option(s) other, surprise"),
+    (lambda: TrainConfig.from_dict({"surprise": 1, "epochs": 2}, "run.toml"), "run.toml: unknown option(s) surprise"),
+])
+def test_every_config_dataclass_refuses_unknown_fields_in_one_line(load, message):
+    with pytest.raises(CaptionerError) as error:
+        load()
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("load, message", [
+    (lambda: CaptionerConfig.from_dict(_with((), decoder=[1])), "decoder: must be an object of fields, not list"),
+    (lambda: EncoderConfig.from_dict("mobilenet_v2"), "encoder: must be an object of fields, not str"),
+    (lambda: GenerationConfig.from_dict([1, 2]), "generation: must be an object of decoding options, not list"),
+    (lambda: TrainConfig.from_dict({"epochs": "3"}, "run.toml"), "run.toml: epochs must be an integer, not '3'"),
+])
+def test_config_dataclasses_refuse_what_is_not_an_object_of_their_fields(load, message):
+    with pytest.raises(CaptionerError) as error:
+        load()
+    assert message in str(error.value)
+
+
+def test_from_dict_builds_the_dataclass():
+    assert from_dict(Options, {"count": 3, "name": "x"}) == Options(count=3, name="x")
+    with pytest.raises(ConfigError, match=r"^here: unknown field\(s\) size$"):
+        from_dict(Options, {"size": 3}, where="here")

@@ -31,10 +31,10 @@ def export(source: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(trained_model, tmp_path_factory) -> Path:
-    """The small synthetic-shapes model, saved and exported to ONNX through the CLI."""
+def exported(tiny_model, tmp_path_factory) -> Path:
+    """The tiny random-weight model, saved and exported to ONNX through the CLI."""
     folder = tmp_path_factory.mktemp("onnx")
-    trained_model.save_pretrained(folder / "source")
+    tiny_model.save_pretrained(folder / "source")
     return export(folder / "source", folder / "exported")
 
 
@@ -68,8 +68,8 @@ def test_export_writes_checked_graphs_with_dynamic_batch_axes(exported):
     assert [o.name for o in onnx.load(str(exported / DECODER_INIT_ONNX)).graph.output] == ["h", "c"]
 
 
-def test_engine_choice(exported, trained_model, tmp_path):
-    plain = trained_model.save_pretrained(tmp_path / "plain")  # no graph files: the engine exports its own
+def test_engine_choice(exported, tiny_model, tmp_path):
+    plain = tiny_model.save_pretrained(tmp_path / "plain")  # no graph files: the engine exports its own
     assert Captioner.from_pretrained(plain, device="cpu").engine == "onnx"  # auto, on the CPU
     assert Captioner.from_pretrained(plain, device="cpu", engine="torch").engine == "torch"
     with pytest.raises(ConfigError, match="runs on the CPU" if torch.cuda.is_available() else "CUDA is not available"):
@@ -333,9 +333,9 @@ def test_an_unusable_cache_costs_an_export_not_a_failure(exported, engines, test
     assert list((shared / "onnx").iterdir()) == []  # nothing written where others could have written
 
 
-def test_the_cache_keeps_the_most_recently_used_models_within_its_bound(trained_model, tmp_path, monkeypatch):
+def test_the_cache_keeps_the_most_recently_used_models_within_its_bound(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("CAPTIONER_CACHE_DIR", str(tmp_path / "cache"))
-    first = trained_model.save_pretrained(tmp_path / "first")
+    first = tiny_model.save_pretrained(tmp_path / "first")
     second = Captioner.from_pretrained(first, engine="torch")
     with torch.no_grad():
         second.decoder.output.bias.add_(0.5)
@@ -349,11 +349,11 @@ def test_the_cache_keeps_the_most_recently_used_models_within_its_bound(trained_
     assert entries() == [weights_fingerprint(loaded.encoder, loaded.decoder)]
 
 
-def test_concurrent_first_loads_share_one_cache_entry(trained_model, test_images, tmp_path, monkeypatch):
+def test_concurrent_first_loads_share_one_cache_entry(tiny_model, test_images, tmp_path, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     monkeypatch.setenv("CAPTIONER_CACHE_DIR", str(tmp_path / "cache"))
-    folder = trained_model.save_pretrained(tmp_path / "model")
+    folder = tiny_model.save_pretrained(tmp_path / "model")
     with ThreadPoolExecutor(3) as pool:
         models = list(pool.map(lambda _: Captioner.from_pretrained(folder, engine="onnx"), range(3)))
     assert len({tuple(m.caption(test_images[:3])) for m in models}) == 1
@@ -361,9 +361,9 @@ def test_concurrent_first_loads_share_one_cache_entry(trained_model, test_images
     assert len(entries) == 1 and sorted(p.name for p in entries[0].iterdir()) == sorted(ONNX_FILES)
 
 
-def test_weights_that_overflow_are_one_line_not_nan_captions(trained_model, test_images, tmp_path, capsys):
+def test_weights_that_overflow_are_one_line_not_nan_captions(tiny_model, test_images, tmp_path, capsys):
     """Finite weights pass the checkpoint's checks, but 3e38 overflows the logits: one error line, no NaN output."""
-    model = Captioner.from_pretrained(trained_model.save_pretrained(tmp_path / "plain"), engine="torch")
+    model = Captioner.from_pretrained(tiny_model.save_pretrained(tmp_path / "plain"), engine="torch")
     with torch.no_grad():
         model.decoder.output.weight.fill_(3e38)
     folder = model.save_pretrained(tmp_path / "overflowing")
@@ -407,6 +407,7 @@ def test_export_never_replaces_what_is_not_a_checkpoint(exported, tmp_path, caps
     assert Captioner.from_pretrained(tmp_path / "empty", engine="torch").caption([]) == []
 
 
+@pytest.mark.slow  # needs a training run's resumable checkpoint
 def test_export_in_place_writes_the_graphs_as_a_set_and_keeps_the_rest(trained_run, tmp_path, capsys):
     folder = shutil.copytree(trained_run / "last", tmp_path / "last")  # a resumable run's checkpoint
     before = files_of(folder)
@@ -456,6 +457,7 @@ def test_a_failed_export_leaves_the_checkpoint_as_it_was(exported, small_filesys
 
 
 # ---------------------------------------------------------------------------------------- the bundled model
+@pytest.mark.slow  # 200 Flickr8k photos
 def test_bundled_model_on_flickr8k_test_photos(bundled_engines, shared_data):
     """Beam search (the default) agrees on >= 99% of 200 photos; greedy and sampling on a few."""
     torch_model, onnx_model = bundled_engines

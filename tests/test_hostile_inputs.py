@@ -46,8 +46,8 @@ def one_line_error(result: subprocess.CompletedProcess, status: int = 2) -> str:
 
 
 @pytest.fixture(scope="module")
-def checkpoint_dir(trained_model, tmp_path_factory) -> Path:
-    return trained_model.save_pretrained(tmp_path_factory.mktemp("hostile") / "model")
+def checkpoint_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture()
@@ -99,14 +99,47 @@ def test_float_arrays_must_be_in_unit_range():
     assert load_image(np.full((4, 4, 3), 0.5, np.float32)).getpixel((0, 0)) == (128, 128, 128)
 
 
+def thin_ramp(size: tuple[int, int]) -> Image.Image:
+    """A ``size`` image whose every row or column along the long side differs from its neighbours, so which part
+    of it is kept shows in the pixels."""
+    width, height = size
+    ramp = (np.arange(max(size)) * 37 % 256).astype(np.uint8)
+    colours = np.stack([ramp, 255 - ramp, ramp // 2], -1)
+    array = colours[None, :, :] if width > height else colours[:, None, :]
+    return Image.fromarray(np.ascontiguousarray(np.broadcast_to(array, (height, width, 3))))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
 @pytest.mark.parametrize("size", [(20000, 1), (1, 20000), (200000, 2)])
-def test_thin_images_are_cropped_before_resizing(trained_model, tmp_path, size):
-    """The aspect-ratio crop bounds the resized image: same pixels out, whatever the shape in."""
+def test_thin_images_are_cropped_before_resizing(tiny_model, tmp_path, monkeypatch, size, interpolation):
+    """The aspect-ratio limit centre-crops a thin image before anything is resized: no resize ever reads more than
+    a 4:1 image (20000 x 1 would otherwise be resized to 5.1M x 256 pixels on the nearest-neighbour path), and the
+    pixels out are those of the explicitly centre-cropped image."""
+    from dataclasses import replace
+
+    from captioner.encoder import MAX_ASPECT_RATIO
+
     path = tmp_path / "thin.png"
-    Image.new("RGB", size, (30, 200, 30)).save(path)
-    pixels = trained_model.encoder.pixels(path)
-    assert pixels.shape == (3, 224, 224)
-    assert trained_model.caption(path)
+    thin_ramp(size).save(path)
+    transform = replace(tiny_model.encoder.config.preprocessing, interpolation=interpolation).transform()
+    resize, sources = Image.Image.resize, []
+
+    def checked_resize(self, *args, **kwargs):
+        sources.append(self.size)
+        assert max(self.size) <= MAX_ASPECT_RATIO * min(self.size), f"resized the whole {self.size} image"
+        return resize(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", checked_resize)
+    pixels = transform(load_image(path))
+    assert sources, "nothing was resized"
+    width, height = size
+    kept = int(MAX_ASPECT_RATIO * min(size))
+    left, top = ((width - kept) // 2, 0) if width > height else (0, (height - kept) // 2)
+    cropped = load_image(path).crop((left, top, left + min(width, kept), top + min(height, kept)))
+    assert max(cropped.size) == MAX_ASPECT_RATIO * min(cropped.size)
+    assert pixels.shape == (3, 224, 224) and torch.equal(pixels, transform(cropped))
+    if interpolation == "bilinear":  # the model's own preprocessing
+        assert torch.equal(tiny_model.encoder.pixels(path), pixels) and tiny_model.caption(path)
 
 
 def peak_memory_mb(code: str) -> float:
@@ -161,43 +194,43 @@ BAD_OPTIONS = [
 
 
 @pytest.mark.parametrize("options, message", BAD_OPTIONS, ids=[m for _, m in BAD_OPTIONS])
-def test_decoding_options_are_typed_and_bounded(trained_model, options, message):
-    features = torch.zeros(1, trained_model.encoder.config.feature_size)
+def test_decoding_options_are_typed_and_bounded(tiny_model, options, message):
+    features = torch.zeros(1, tiny_model.encoder.config.feature_size)
     with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace(".", "\\.")) as error:
-        trained_model.generate(features, **options)
+        tiny_model.generate(features, **options)
     assert "\n" not in str(error.value)
     with pytest.raises(ConfigError):
         GenerationConfig(**options)
 
 
-def test_more_captions_than_beams_raises_the_beam(trained_model):
+def test_more_captions_than_beams_raises_the_beam(tiny_model):
     """The API, the CLI and the app agree: asking for n captions from a smaller beam widens the beam."""
     assert GenerationConfig(beam_size=2, num_return_sequences=5).beam_size == 5
-    features = torch.zeros(1, trained_model.encoder.config.feature_size)
-    nbest = trained_model.generate(features, beam_size=2, num_return_sequences=4)[0]
-    assert [c.text for c in nbest] == [c.text for c in trained_model.generate(features, beam_size=4,
+    features = torch.zeros(1, tiny_model.encoder.config.feature_size)
+    nbest = tiny_model.generate(features, beam_size=2, num_return_sequences=4)[0]
+    assert [c.text for c in nbest] == [c.text for c in tiny_model.generate(features, beam_size=4,
                                                                               num_return_sequences=4)[0]]
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 10**9, 2.0, True])
-def test_batch_size_is_bounded(trained_model, batch_size):
-    features = torch.zeros(2, trained_model.encoder.config.feature_size)
+def test_batch_size_is_bounded(tiny_model, batch_size):
+    features = torch.zeros(2, tiny_model.encoder.config.feature_size)
     with pytest.raises(ConfigError, match="batch_size must be"):
-        trained_model.generate(features, batch_size=batch_size)
+        tiny_model.generate(features, batch_size=batch_size)
     with pytest.raises(ConfigError, match="batch_size must be"):
-        trained_model.encode([np.zeros((8, 8, 3), np.uint8)], batch_size=batch_size)
+        tiny_model.encode([np.zeros((8, 8, 3), np.uint8)], batch_size=batch_size)
 
 
-def test_feature_rows_are_checked_or_converted(trained_model):
-    width = trained_model.encoder.config.feature_size
-    good = trained_model.encode([np.zeros((16, 16, 3), np.uint8)])
-    assert trained_model.caption(good.half()) == trained_model.caption(good)  # float16 rows are converted
+def test_feature_rows_are_checked_or_converted(tiny_model):
+    width = tiny_model.encoder.config.feature_size
+    good = tiny_model.encode([np.zeros((16, 16, 3), np.uint8)])
+    assert tiny_model.caption(good.half()) == tiny_model.caption(good)  # float16 rows are converted
     for rows, message in ((torch.full((1, width), math.nan), "NaN or infinite"),
                           (torch.full((1, width), math.inf), "NaN or infinite"),
                           (torch.zeros(1, width, dtype=torch.long), "floating point"),
                           (torch.zeros(1, width + 1), "columns")):
         with pytest.raises(ConfigError, match=message):
-            trained_model.generate(rows)
+            tiny_model.generate(rows)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -272,8 +305,8 @@ def test_non_finite_or_non_float_weights_are_refused(copy, corrupt, message):
         Captioner.from_pretrained(copy, device="cpu")
 
 
-def test_stored_encoder_weights_are_checked_too(copy, trained_model):
-    state = {k: v.clone() for k, v in trained_model.encoder.backbone.state_dict().items()}
+def test_stored_encoder_weights_are_checked_too(copy, tiny_model):
+    state = {k: v.clone() for k, v in tiny_model.encoder.backbone.state_dict().items()}
     state["features.0.0.weight"].fill_(math.nan)
     save_file(state, str(copy / "encoder.safetensors"))
     with pytest.raises(CaptionerError, match="features.0.0.weight holds NaN"):

@@ -318,15 +318,76 @@ JSON_VALUES = st.recursive(
     | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=6)
+# Values at and just past the documented bounds, where a wrongly accepted value hides best.
+EDGES = st.sampled_from([-1, 0, 1e-5, 0.5, 0.99, 1, 1.5, 4, 5, 5.5, -5.5, 10, 11, 64, 65, 100, 100.5, 101, 1000,
+                         1_000_001, 8193, 2**63, True, "beam", "Beam", "bicubic", [0.5, 0.5, 0.5], [0, 0, 0]])
 FIELDS = {"generation": ["strategy", "beam_size", "num_return_sequences", "max_length", "min_length", "length_penalty",
                          "no_repeat_ngram_size", "suppress_unk", "temperature", "top_k", "top_p", "seed"],
           "decoder": ["embed_size", "hidden_size", "num_layers", "dropout", "input_dropout", "vocab_size"],
           "encoder": ["name", "weights", "feature_size", "preprocessing"]}
+# The documented bounds (README, --help), written out here rather than read from the code that enforces them.
+GENERATION_BOUNDS = {"beam_size": ("int", 1, 64), "num_return_sequences": ("int", 1, 64), "max_length": ("int", 1, 100),
+                     "min_length": ("int", 0, 100), "length_penalty": ("float", -5, 5),
+                     "no_repeat_ngram_size": ("int", 0, 10), "temperature": ("float", 1e-4, 100),
+                     "top_k": ("int", 0, 1_000_000), "top_p": ("float", 1e-9, 1), "seed": ("int", 0, 2**63 - 1)}
+DECODER_BOUNDS = {"dropout": ("float", 0, 0.99), "input_dropout": ("float", 0, 0.99)}
+PREPROCESSING_BOUNDS = {"resize_size": ("int", 16, 1024), "crop_size": ("int", 16, 1024)}
+
+
+def assert_within(where: str, value, kind: str, low, high) -> None:
+    typed = (type(value) is int) if kind == "int" else (type(value) in (int, float) and math.isfinite(value))
+    assert typed and low <= value <= high, f"{where} = {value!r} was accepted (documented: {kind} in [{low}, {high}])"
+
+
+def assert_documented_bounds(loaded: dict, saved: dict) -> None:
+    """What a checkpoint loaded with satisfies the documented bounds; what the weights fix is unchanged."""
+    generation = loaded["generation"]
+    assert generation["strategy"] in ("beam", "greedy", "sample") and type(generation["suppress_unk"]) is bool
+    for key, bounds in GENERATION_BOUNDS.items():
+        if not (key == "seed" and generation[key] is None):
+            assert_within(f"generation.{key}", generation[key], *bounds)
+    assert generation["min_length"] <= generation["max_length"]
+    for key in ("feature_size", "vocab_size", "embed_size", "hidden_size", "num_layers", "members"):
+        assert loaded["decoder"][key] == saved["decoder"][key] and type(loaded["decoder"][key]) is int, key
+    for key, bounds in DECODER_BOUNDS.items():
+        assert_within(f"decoder.{key}", loaded["decoder"][key], *bounds)
+    encoder = loaded["encoder"]
+    assert {k: encoder[k] for k in ("name", "feature_size")} == {k: saved["encoder"][k] for k in ("name", "feature_size")}
+    preprocessing = encoder["preprocessing"]
+    for key, bounds in PREPROCESSING_BOUNDS.items():
+        assert_within(f"preprocessing.{key}", preprocessing[key], *bounds)
+    assert preprocessing["crop_size"] <= preprocessing["resize_size"]
+    assert preprocessing["interpolation"] in ("bilinear", "bicubic", "nearest")
+    for key, low in (("mean", -10), ("std", 1e-3)):
+        assert len(preprocessing[key]) == 3
+        for i, number in enumerate(preprocessing[key]):
+            assert_within(f"preprocessing.{key}[{i}]", number, "float", low, 10)
+
+
+def just_outside(kind: str, low, high) -> list:
+    step = 1 if kind == "int" else max(abs(high - low) * 1e-3, 1e-9)
+    return [low - step, high + step] + ([float(low), True] if kind == "int" else ["1"])
+
+
+OUT_OF_BOUNDS = [(section, key, value) for section, table in (("generation", GENERATION_BOUNDS),
+                                                              ("decoder", DECODER_BOUNDS))
+                 for key, bounds in table.items() for value in just_outside(*bounds)]
+
+
+@pytest.mark.parametrize("section, key, value", OUT_OF_BOUNDS, ids=[f"{s}.{k}={v!r}" for s, k, v in OUT_OF_BOUNDS])
+def test_each_value_just_outside_its_documented_bounds_is_refused(copy, section, key, value):
+    """The fuzz below draws at random; this tries every bounded field just past each end (and the wrong type)."""
+    edit_config(copy, lambda c: c[section].update({key: value}))
+    with pytest.raises(CheckpointError, match=key):
+        Captioner.from_pretrained(copy, device="cpu")
 
 
 @settings(max_examples=60 if IN_CI else 30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(section=st.sampled_from(sorted(FIELDS)), data=st.data(), value=JSON_VALUES)
-def test_fuzzed_config_loads_or_raises_a_captioner_error(checkpoint_dir, tmp_path_factory, section, data, value):
+@given(section=st.sampled_from(sorted(FIELDS)), data=st.data(), value=JSON_VALUES | EDGES)
+def test_fuzzed_config_loads_within_its_bounds_or_raises_a_captioner_error(checkpoint_dir, tmp_path_factory, section,
+                                                                           data, value):
+    """Any value in any field: a one-line CaptionerError, or a model whose configuration keeps the documented bounds
+    (a bad value wrongly accepted fails here even when the model still captions)."""
     target = tmp_path_factory.mktemp("fuzz") / "model"
     shutil.copytree(checkpoint_dir, target)
     key = data.draw(st.sampled_from(FIELDS[section]))
@@ -336,6 +397,7 @@ def test_fuzzed_config_loads_or_raises_a_captioner_error(checkpoint_dir, tmp_pat
     except CaptionerError as error:
         assert "\n" not in str(error)
     else:
+        assert_documented_bounds(model.config.to_dict(), json.loads((checkpoint_dir / "config.json").read_text()))
         captions = model.caption(torch.zeros(1, model.encoder.config.feature_size))  # a batch of one row
         assert len(captions) == 1 and isinstance(captions[0], str)
 

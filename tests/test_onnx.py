@@ -243,6 +243,7 @@ def huge_graphs(folder: Path) -> None:
     onnx.save(helper.make_model(expand, opset_imports=[helper.make_opsetid("", 17)]), str(folder / DECODER_INIT_ONNX))
 
 
+@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
 def test_huge_and_endless_graphs_in_a_checkpoint_cost_nothing(exported, test_images, tmp_path):
     """Bounds measured on a real process: it finishes (the timeout is a hang guard, not a speed target) and its
     peak memory is a photo's, not the 5 GB file's or the 8 GiB Expand's."""
@@ -258,6 +259,7 @@ def test_huge_and_endless_graphs_in_a_checkpoint_cost_nothing(exported, test_ima
     assert peak_kib < 2 << 20, f"peak memory {peak_kib / 1024:.0f} MB"
 
 
+@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
 def test_a_tampered_graph_beside_its_weights_changes_nothing(exported, engines, test_images, tmp_path):
     """The step graph with 9 added to one word's output bias, fingerprint kept: it would say that word."""
     import onnxruntime
@@ -280,6 +282,7 @@ def test_a_tampered_graph_beside_its_weights_changes_nothing(exported, engines, 
         engines[0].score(features[:1], [engines[0].caption(features[:1])[0]])[0], abs=1e-3)
 
 
+@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
 def test_cached_graphs_pointing_at_other_files_are_exported_again(exported, engines, test_images, session_cache,
                                                                     monkeypatch, tmp_path):
     model = engines[1]
@@ -298,7 +301,8 @@ def test_cached_graphs_pointing_at_other_files_are_exported_again(exported, engi
         assert (entry / DECODER_STEP_ONNX).read_bytes() == clean, where  # the entry was exported again
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "symlink", "folder", "missing"])
+@pytest.mark.parametrize("damage", ["truncated", *(pytest.param(damage, marks=pytest.mark.slow)  # one export each
+                                                 for damage in ("garbage", "symlink", "folder", "missing"))])
 def test_a_damaged_cache_entry_is_exported_again(exported, engines, test_images, session_cache, tmp_path, damage):
     fingerprint = weights_fingerprint(engines[0].encoder, engines[0].decoder)
     graph = session_cache / "onnx" / fingerprint / ENCODER_ONNX
@@ -318,6 +322,7 @@ def test_a_damaged_cache_entry_is_exported_again(exported, engines, test_images,
     assert graph.is_file() and not graph.is_symlink() and graph.read_bytes() == clean
 
 
+@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
 def test_an_unusable_cache_costs_an_export_not_a_failure(exported, engines, test_images, tmp_path, monkeypatch, caplog):
     shared = tmp_path / "shared"
     (shared / "onnx").mkdir(parents=True)
@@ -333,6 +338,7 @@ def test_an_unusable_cache_costs_an_export_not_a_failure(exported, engines, test
     assert list((shared / "onnx").iterdir()) == []  # nothing written where others could have written
 
 
+@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
 def test_the_cache_keeps_the_most_recently_used_models_within_its_bound(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("CAPTIONER_CACHE_DIR", str(tmp_path / "cache"))
     first = tiny_model.save_pretrained(tmp_path / "first")
@@ -349,6 +355,7 @@ def test_the_cache_keeps_the_most_recently_used_models_within_its_bound(tiny_mod
     assert entries() == [weights_fingerprint(loaded.encoder, loaded.decoder)]
 
 
+@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
 def test_concurrent_first_loads_share_one_cache_entry(tiny_model, test_images, tmp_path, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -361,6 +368,7 @@ def test_concurrent_first_loads_share_one_cache_entry(tiny_model, test_images, t
     assert len(entries) == 1 and sorted(p.name for p in entries[0].iterdir()) == sorted(ONNX_FILES)
 
 
+@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
 def test_weights_that_overflow_are_one_line_not_nan_captions(tiny_model, test_images, tmp_path, capsys):
     """Finite weights pass the checkpoint's checks, but 3e38 overflows the logits: one error line, no NaN output."""
     model = Captioner.from_pretrained(tiny_model.save_pretrained(tmp_path / "plain"), engine="torch")
@@ -441,6 +449,7 @@ def small_filesystem(tmp_path):
         subprocess.run(["umount", "-l", str(point)], check=False)
 
 
+@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
 @pytest.mark.parametrize("filesystem", ["full", "read-only"])
 def test_a_failed_export_leaves_the_checkpoint_as_it_was(exported, small_filesystem, test_images, filesystem, capsys):
     size = sum(p.stat().st_size for p in exported.iterdir())

@@ -1,4 +1,9 @@
-"""Shared fixtures: synthetic data, a small trained model, and access to ../shared/data."""
+"""Shared fixtures: synthetic data, a tiny random-weight model, a small trained model, and ../shared/data.
+
+``tiny_model`` (a random decoder, built in a fraction of a second) serves every test whose invariant holds for
+any weights: decoding, options, bounds, ONNX agreement, checkpoints. ``trained_model`` and ``trained_run`` train
+on the synthetic shapes (about 20 s) and serve only tests marked ``slow``: quality, training behaviour, captions
+that must differ by image."""
 
 from __future__ import annotations
 
@@ -90,6 +95,45 @@ def train_in_process(capsys):
     return run
 
 
+TINY_WORDS = ("a", "red", "green", "blue", "yellow", "circle", "square", "triangle", "on", "white", "big", "small")
+
+
+def random_captioner(seed: int = 0, num_layers: int = 1) -> "Captioner":
+    """A captioner with MobileNetV2's ImageNet weights (offline package: real features, ImageNet labels) and a small
+    randomly initialised decoder over a 16-word vocabulary. Its output layer is scaled so the next-word
+    distributions are peaked like a trained model's (no near-ties for beam and greedy to break differently) and
+    captions end at different lengths."""
+    import torch
+
+    from captioner import Captioner
+    from captioner.decoder import DecoderConfig, build_decoder
+    from captioner.encoder import Encoder
+    from captioner.vocab import END_ID, SPECIAL_TOKENS, Vocabulary
+
+    torch.manual_seed(seed)
+    encoder = Encoder.pretrained("mobilenet_v2")
+    vocab = Vocabulary([*SPECIAL_TOKENS, *TINY_WORDS])
+    decoder = build_decoder(DecoderConfig(encoder.config.feature_size, len(vocab), embed_size=16, hidden_size=32,
+                                          num_layers=num_layers, dropout=0.0, input_dropout=0.0))
+    with torch.no_grad():
+        decoder.output.weight.mul_(4.0)
+        decoder.output.bias[END_ID] = 0.35  # some captions end early, others run to max_length
+    return Captioner(encoder, decoder, vocab)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A random-weight :func:`random_captioner` on PyTorch, for invariants that hold whatever the weights (tests
+    change copies of its weights, never the fixture)."""
+    return random_captioner()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
+    """``tiny_model`` saved as a checkpoint folder (its encoder weights are the offline package's, not stored)."""
+    return tiny_model.save_pretrained(tmp_path_factory.mktemp("tiny") / "model")
+
+
 def synthetic_config(synthetic: Path, out: Path, cache: Path, **overrides):
     from captioner.train_config import TrainConfig
 
@@ -103,7 +147,7 @@ def synthetic_config(synthetic: Path, out: Path, cache: Path, **overrides):
 
 @pytest.fixture(scope="session")
 def trained_run(synthetic, feature_cache, tmp_path_factory) -> Path:
-    """The output folder of one training run (15 epochs, random decoder weights, MobileNetV2 features) on the
+    """(For ``slow`` tests only: it costs about 20 s.) The output folder of one training run (15 epochs, random decoder weights, MobileNetV2 features) on the
     synthetic shapes: best/, last/, log.jsonl, training.png."""
     from captioner.training import train
 
@@ -114,7 +158,7 @@ def trained_run(synthetic, feature_cache, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_model(trained_run):
-    """The best model of ``trained_run``, on PyTorch (tests change copies of its weights)."""
+    """(For ``slow`` tests only.) The best model of ``trained_run``, on PyTorch (tests change copies of its weights)."""
     from captioner import Captioner
 
     return Captioner.from_pretrained(trained_run / "best", device="cpu", engine="torch")

@@ -301,35 +301,47 @@ def test_records_hold_captions_and_labels_in_input_order(photos, reference):
         assert all(0 <= label["probability"] <= 1 for label in record["labels"])
 
 
-def test_batches_are_encoded_one_ahead_on_half_the_threads(trained_model, synthetic, monkeypatch):
+def test_batches_are_encoded_one_ahead_on_half_the_threads(tiny_model, synthetic, monkeypatch):
     """caption_records overlaps the next batch's encode with this one's decode, each stage on half the cores,
-    and gives the records of the plain sequential loop, in order, restoring PyTorch's thread count after."""
+    and gives the records of the plain sequential loop, in order, restoring PyTorch's thread count after.
+
+    Both stages are slowed down (0.1 s each) and timed: with the overlap an encode runs while a decode does; a
+    sequential loop would leave every encode interval disjoint from every decode interval."""
     files = [str(p) for p in sorted((synthetic / "images").glob("*.png"))[:7]]
-    config = trained_model.generation_config
-    expected = [captions[0].text for captions in trained_model.generate(files, config, batch_size=2)]
-    seen_threads, encoded = [], []
-    encode_pixels, generate = trained_model.encode_pixels, trained_model.generate
+    config = tiny_model.generation_config
+    expected = [captions[0].text for captions in tiny_model.generate(files, config, batch_size=2)]
+    seen_threads, encoded, encodes, decodes = [], [], [], []
+    encode_pixels, generate = tiny_model.encode_pixels, tiny_model.generate
+
+    def timed(intervals: list, work):
+        start = time.monotonic()
+        time.sleep(0.1)
+        result = work()
+        intervals.append((start, time.monotonic()))
+        return result
 
     def recording_encode(pixels, *args, **kwargs):
         encoded.append(threading.current_thread().name)
-        return encode_pixels(pixels, *args, **kwargs)
+        return timed(encodes, lambda: encode_pixels(pixels, *args, **kwargs))
 
     def recording_generate(*args, **kwargs):
         seen_threads.append(torch.get_num_threads())
-        return generate(*args, **kwargs)
+        return timed(decodes, lambda: generate(*args, **kwargs))
 
-    monkeypatch.setattr(trained_model, "encode_pixels", recording_encode)
-    monkeypatch.setattr(trained_model, "generate", recording_generate)
+    monkeypatch.setattr(tiny_model, "encode_pixels", recording_encode)
+    monkeypatch.setattr(tiny_model, "generate", recording_generate)
     before = torch.get_num_threads()
-    batches = list(caption_records(trained_model, files, config, batch_size=2, labels=False))
+    batches = list(caption_records(tiny_model, files, config, batch_size=2, labels=False))
     assert [len(batch) for batch in batches] == [2, 2, 2, 1]
     assert [r["captions"][0]["text"] for batch in batches for r in batch] == expected
     assert [r["file"] for batch in batches for r in batch] == files
-    assert all(name.startswith("encode") for name in encoded) and len(encoded) == 4
+    assert all(name.startswith("encode") for name in encoded) and len(encoded) == len(encodes) == 4
     assert seen_threads == [stage_threads()] * 4 and torch.get_num_threads() == before
+    overlaps = [(e, d) for e in encodes for d in decodes if e[0] < d[1] and d[0] < e[1]]
+    assert len(overlaps) >= 2, (encodes, decodes)  # batches 2, 3 and 4 are each encoded during a decode
 
 
-def test_out_among_the_inputs_is_not_captioned_under_any_name(trained_model, image, tmp_path):
+def test_out_among_the_inputs_is_not_captioned_under_any_name(tiny_model, image, tmp_path):
     """The file being written is never loaded as an image: by its name, another spelling, a symbolic or hard link."""
     out = tmp_path / "captions.jsonl"
     writer = JsonlFile(out)
@@ -338,14 +350,14 @@ def test_out_among_the_inputs_is_not_captioned_under_any_name(trained_model, ima
     files = [str(out), str(image), str(tmp_path / "symbolic.jsonl"), str(tmp_path / "hard.jpg"),
              f"{tmp_path}/./captions.jsonl"]
     try:
-        summary = caption_files(trained_model, files, writer, trained_model.generation_config, num_workers=0)
+        summary = caption_files(tiny_model, files, writer, tiny_model.generation_config, num_workers=0)
     finally:
         writer.close()
     assert [json.loads(line)["file"] for line in out.read_bytes().splitlines()] == [str(image)]
     assert (summary.files, summary.captioned, summary.failed) == (1, 1, 0)
 
 
-def test_a_killed_loader_worker_is_one_line_and_the_rerun_resumes(trained_run, synthetic, tmp_path, monkeypatch,
+def test_a_killed_loader_worker_is_one_line_and_the_rerun_resumes(tiny_model_dir, synthetic, tmp_path, monkeypatch,
                                                                    capsys):
     files = [str(p) for p in sorted((synthetic / "images").glob("test_*.png"))[:6]]
     out, main_pid = tmp_path / "captions.jsonl", os.getpid()
@@ -356,7 +368,7 @@ def test_a_killed_loader_worker_is_one_line_and_the_rerun_resumes(trained_run, s
             os.kill(os.getpid(), signal.SIGKILL)
         return pixels(self, path, *args, **kwargs)
 
-    command = ["caption", *files, "--out", str(out), "--model", str(trained_run / "best"), "--batch-size", "2", "-q"]
+    command = ["caption", *files, "--out", str(out), "--model", str(tiny_model_dir), "--batch-size", "2", "-q"]
     monkeypatch.setattr(Encoder, "pixels", killed_at_the_fifth)
     assert main([*command, "--num-workers", "1"]) == 1
     errors = capsys.readouterr().err.strip().splitlines()

@@ -39,6 +39,7 @@ def test_bundled_model_captions_a_photo_out_of_the_box(bundled):
     assert {"skateboard", "skateboarder", "skateboarding", "skater"} & set(caption.split()), caption
 
 
+@pytest.mark.slow  # 200 Flickr8k photos
 def test_bundled_model_quality_on_flickr8k_test_images(bundled, shared_data):
     """A regression guard on 200 held-out photos; the full test-split figures are in MODEL_CARD.md."""
     folder = shared_data / "flickr8k"

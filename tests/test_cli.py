@@ -12,7 +12,8 @@ import torch
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow  # trains models or runs subprocesses: `pytest -m "not slow"` skips them
+# Tests that start a process or need the trained model are marked slow one by one; errors raised before any work
+# run in this process (`main([...])`).
 
 
 def captioner(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -25,6 +26,7 @@ def model_dir(trained_model, tmp_path_factory) -> Path:
     return trained_model.save_pretrained(tmp_path_factory.mktemp("model") / "checkpoint")
 
 
+@pytest.mark.slow
 def test_entry_points_exist():
     assert "train" in captioner("--help").stdout
     script = Path(sys.executable).parent / "captioner"
@@ -33,6 +35,7 @@ def test_entry_points_exist():
     assert result.returncode == 0 and "--beam-size" in result.stdout and "--num-captions" in result.stdout
 
 
+@pytest.mark.slow
 def test_caption_files_and_folders(model_dir, synthetic, trained_model):
     images = sorted((synthetic / "images").glob("test_*.png"))[:3]
     result = captioner("caption", str(images[0]), str(images[1]), "--model", str(model_dir))
@@ -45,6 +48,7 @@ def test_caption_files_and_folders(model_dir, synthetic, trained_model):
     assert result.returncode == 0 and len(result.stdout.strip().splitlines()) == len(list(folder.glob("*.png")))
 
 
+@pytest.mark.slow
 def test_caption_json_with_several_captions(model_dir, synthetic):
     image = sorted((synthetic / "images").glob("test_*.png"))[0]
     result = captioner("caption", str(image), "--model", str(model_dir), "--json", "--num-captions", "3",
@@ -56,6 +60,7 @@ def test_caption_json_with_several_captions(model_dir, synthetic):
     assert scores == sorted(scores, reverse=True) and all(c["log_prob"] <= 0 for c in row["captions"])
 
 
+@pytest.mark.slow
 def test_bad_file_is_reported_and_others_still_captioned(model_dir, synthetic, tmp_path):
     good = sorted((synthetic / "images").glob("test_*.png"))[0]
     bad = tmp_path / "broken.jpg"
@@ -76,13 +81,19 @@ def test_bad_file_is_reported_and_others_still_captioned(model_dir, synthetic, t
     (["--num-captions", "2", "--strategy", "greedy"], "greedy decoding returns one caption"),
     (["--model", "/nonexistent/model"], "checkpoint directory not found"),
 ])
-def test_bad_options_fail_cleanly(model_dir, synthetic, args, message):
+def test_bad_options_fail_cleanly(tiny_model_dir, synthetic, capsys, args, message):
+    """In this process: these are refused before any work (the subprocess tests above cover the entry point)."""
+    from captioner.cli import main
+
     image = sorted((synthetic / "images").glob("test_*.png"))[0]
-    full = ["caption", str(image), "--model", str(model_dir), *args]
-    result = captioner(*full)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    capsys.readouterr()
+    assert main(["caption", str(image), "--model", str(tiny_model_dir), *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: ") and message in captured.err
+    assert "Traceback" not in captured.err
 
 
+@pytest.mark.slow
 def test_more_captions_than_beams_widens_the_beam_and_says_so(model_dir, synthetic):
     image = sorted((synthetic / "images").glob("test_*.png"))[0]
     result = captioner("caption", str(image), "--model", str(model_dir), "--num-captions", "4", "--beam-size", "2")
@@ -90,6 +101,7 @@ def test_more_captions_than_beams_widens_the_beam_and_says_so(model_dir, synthet
     assert len(result.stdout.strip().splitlines()) == 4 and "beam_size raised from 2 to 4" in result.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_reports_coco_metrics(model_dir, synthetic, tmp_path):
     out, predictions = tmp_path / "results" / "metrics.json", tmp_path / "predictions.json"  # results/ is created
     result = captioner("evaluate", "--images", str(synthetic / "images"), "--captions", str(synthetic / "test.json"),
@@ -104,6 +116,7 @@ def test_evaluate_reports_coco_metrics(model_dir, synthetic, tmp_path):
     assert "CIDEr-D" in result.stdout
 
 
+@pytest.mark.slow
 def test_export_half_precision_with_new_default_decoding(model_dir, synthetic, tmp_path, trained_model):
     out = tmp_path / "exported"
     result = captioner("export", str(model_dir), str(out), "--half-precision", "--beam-size", "5",

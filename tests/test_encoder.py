@@ -132,21 +132,21 @@ def test_real_mobilenet_weights_recognise_dogs(shared_data):
     assert sum(has_dog) >= 5, has_dog
 
 
-def test_classify_gives_the_imagenet_heads_labels(trained_model, synthetic):
+def test_classify_gives_the_imagenet_heads_labels(tiny_model, synthetic):
     """The CNN's own ImageNet labels, from the pooled feature the decoder reads: images or features alike."""
     from captioner import ConfigError
 
     images = sorted((synthetic / "images").glob("test_*.png"))[:2]
-    top = trained_model.classify(images, top_k=3)
+    top = tiny_model.classify(images, top_k=3)
     assert len(top) == 2 and all(len(row) == 3 for row in top)
     for row in top:
         probabilities = [p for _, p in row]
         assert probabilities == sorted(probabilities, reverse=True) and all(0 <= p <= 1 for p in probabilities)
         assert all(label in models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"] for label, _ in row)
-    assert trained_model.classify(trained_model.encode(images), top_k=3) == top
-    assert trained_model.classify(images[0], top_k=3) == top[0]
+    assert tiny_model.classify(tiny_model.encode(images), top_k=3) == top
+    assert tiny_model.classify(images[0], top_k=3) == top[0]
     with pytest.raises(ConfigError, match="top_k must be between 1 and 1000"):
-        trained_model.classify(images, top_k=0)
+        tiny_model.classify(images, top_k=0)
 
 
 def test_encoder_without_imagenet_head_has_no_labels():

@@ -27,8 +27,8 @@ def other_member(model: Captioner, seed: int) -> Captioner:
 
 
 @pytest.fixture(scope="module")
-def members(trained_model) -> list[Captioner]:
-    return [trained_model, other_member(trained_model, 1)]
+def members(tiny_model) -> list[Captioner]:
+    return [tiny_model, other_member(tiny_model, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +47,10 @@ def test_each_step_averages_the_members_probabilities(members):
     assert h.shape == c.shape == (2 * ensemble.config.num_layers, 3, ensemble.config.hidden_size)
 
 
-def test_an_ensemble_of_copies_decodes_like_the_single_model(trained_model, test_images):
-    ensemble = Captioner.ensemble([trained_model, trained_model, trained_model])
-    features = trained_model.encode(test_images)
-    single, joint = trained_model.generate(features, num_return_sequences=3), ensemble.generate(features, num_return_sequences=3)
+def test_an_ensemble_of_copies_decodes_like_the_single_model(tiny_model, test_images):
+    ensemble = Captioner.ensemble([tiny_model, tiny_model, tiny_model])
+    features = tiny_model.encode(test_images)
+    single, joint = tiny_model.generate(features, num_return_sequences=3), ensemble.generate(features, num_return_sequences=3)
     assert [[c.text for c in row] for row in joint] == [[c.text for c in row] for row in single]
     for a, b in zip(single, joint):
         assert [c.log_prob for c in b] == pytest.approx([c.log_prob for c in a], abs=1e-4)
@@ -100,16 +100,16 @@ def test_saved_ensemble_loads_and_scores(members, test_images, tmp_path):
     assert loaded.score(test_images[0], text) >= sum(m.score(test_images[0], text) for m in members) / 2 - 1e-4
 
 
-def test_an_ensemble_of_one_model_saves_and_loads_as_that_model(trained_model, test_images, tmp_path):
+def test_an_ensemble_of_one_model_saves_and_loads_as_that_model(tiny_model, test_images, tmp_path):
     """It was saved as members.0.* weights with members: 1, which no loader accepts."""
-    one = Captioner.ensemble([trained_model])
-    assert type(one.decoder) is Decoder and one.decoder is not trained_model.decoder  # a copy, like any ensemble
+    one = Captioner.ensemble([tiny_model])
+    assert type(one.decoder) is Decoder and one.decoder is not tiny_model.decoder  # a copy, like any ensemble
     one.save_pretrained(tmp_path / "one")
     assert json.loads((tmp_path / "one" / "config.json").read_text())["decoder"]["members"] == 1
     loaded = Captioner.from_pretrained(tmp_path / "one", device="cpu", engine="torch")
-    assert loaded.caption(test_images) == trained_model.caption(test_images)
-    text = trained_model.caption(test_images[0])
-    assert loaded.score(test_images[0], text) == pytest.approx(trained_model.score(test_images[0], text), abs=1e-5)
+    assert loaded.caption(test_images) == tiny_model.caption(test_images)
+    text = tiny_model.caption(test_images[0])
+    assert loaded.score(test_images[0], text) == pytest.approx(tiny_model.score(test_images[0], text), abs=1e-5)
 
 
 def test_cli_export_joins_members_and_the_onnx_engine_agrees(members, test_images, tmp_path):
@@ -126,21 +126,21 @@ def test_cli_export_joins_members_and_the_onnx_engine_agrees(members, test_image
         test_images, beam_size=5)
 
 
-def test_members_must_share_vocabulary_and_encoder(trained_model, tmp_path, capsys):
-    stranger = copy.deepcopy(trained_model)
-    stranger.vocab = Vocabulary([*trained_model.vocab.words[:-1], "zebra-crossing"])
+def test_members_must_share_vocabulary_and_encoder(tiny_model, tmp_path, capsys):
+    stranger = copy.deepcopy(tiny_model)
+    stranger.vocab = Vocabulary([*tiny_model.vocab.words[:-1], "zebra-crossing"])
     with pytest.raises(ConfigError, match="model 2 has another vocabulary"):
-        Captioner.ensemble([trained_model, stranger])
-    trained_model.save_pretrained(tmp_path / "a")
+        Captioner.ensemble([tiny_model, stranger])
+    tiny_model.save_pretrained(tmp_path / "a")
     stranger.save_pretrained(tmp_path / "b")
     assert main(["export", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "out")]) == 2
     assert "another vocabulary" in capsys.readouterr().err and not (tmp_path / "out").exists()
-    wider = DecoderConfig(**{**trained_model.decoder.config.to_dict(), "hidden_size": 8})
+    wider = DecoderConfig(**{**tiny_model.decoder.config.to_dict(), "hidden_size": 8})
     with pytest.raises(ConfigError, match="same feature, vocabulary"):
-        join_decoders([trained_model.decoder, Decoder(wider)])
+        join_decoders([tiny_model.decoder, Decoder(wider)])
 
 
-def test_member_count_is_bounded(trained_model, tmp_path, capsys):
+def test_member_count_is_bounded(tiny_model, tmp_path, capsys):
     args = [str(tmp_path / "m")] * (MAX_MEMBERS + 1)
     assert main(["export", *args, str(tmp_path / "out")]) == 2
     assert f"at most {MAX_MEMBERS} decoders" in capsys.readouterr().err

@@ -36,6 +36,15 @@ def run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``python -m captioner ARGS`` by its own function in this process, for errors raised before any work."""
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    assert captured.out == "", captured.out
+    return subprocess.CompletedProcess(["captioner", *args], code, captured.out, captured.err)
+
+
 def one_line_error(result: subprocess.CompletedProcess, status: int = 2) -> str:
     """The process failed with ``status`` and said why on one ``error:`` line, with no traceback."""
     assert result.returncode == status, (result.returncode, result.stderr[-2000:])
@@ -46,8 +55,8 @@ def one_line_error(result: subprocess.CompletedProcess, status: int = 2) -> str:
 
 
 @pytest.fixture(scope="module")
-def checkpoint_dir(trained_model, tmp_path_factory) -> Path:
-    return trained_model.save_pretrained(tmp_path_factory.mktemp("hostile") / "model")
+def checkpoint_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture()
@@ -99,14 +108,47 @@ def test_float_arrays_must_be_in_unit_range():
     assert load_image(np.full((4, 4, 3), 0.5, np.float32)).getpixel((0, 0)) == (128, 128, 128)
 
 
+def thin_ramp(size: tuple[int, int]) -> Image.Image:
+    """A ``size`` image whose every row or column along the long side differs from its neighbours, so which part
+    of it is kept shows in the pixels."""
+    width, height = size
+    ramp = (np.arange(max(size)) * 37 % 256).astype(np.uint8)
+    colours = np.stack([ramp, 255 - ramp, ramp // 2], -1)
+    array = colours[None, :, :] if width > height else colours[:, None, :]
+    return Image.fromarray(np.ascontiguousarray(np.broadcast_to(array, (height, width, 3))))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
 @pytest.mark.parametrize("size", [(20000, 1), (1, 20000), (200000, 2)])
-def test_thin_images_are_cropped_before_resizing(trained_model, tmp_path, size):
-    """The aspect-ratio crop bounds the resized image: same pixels out, whatever the shape in."""
+def test_thin_images_are_cropped_before_resizing(tiny_model, tmp_path, monkeypatch, size, interpolation):
+    """The aspect-ratio limit centre-crops a thin image before anything is resized: no resize ever reads more than
+    a 4:1 image (20000 x 1 would otherwise be resized to 5.1M x 256 pixels on the nearest-neighbour path), and the
+    pixels out are those of the explicitly centre-cropped image."""
+    from dataclasses import replace
+
+    from captioner.encoder import MAX_ASPECT_RATIO
+
     path = tmp_path / "thin.png"
-    Image.new("RGB", size, (30, 200, 30)).save(path)
-    pixels = trained_model.encoder.pixels(path)
-    assert pixels.shape == (3, 224, 224)
-    assert trained_model.caption(path)
+    thin_ramp(size).save(path)
+    transform = replace(tiny_model.encoder.config.preprocessing, interpolation=interpolation).transform()
+    resize, sources = Image.Image.resize, []
+
+    def checked_resize(self, *args, **kwargs):
+        sources.append(self.size)
+        assert max(self.size) <= MAX_ASPECT_RATIO * min(self.size), f"resized the whole {self.size} image"
+        return resize(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", checked_resize)
+    pixels = transform(load_image(path))
+    assert sources, "nothing was resized"
+    width, height = size
+    kept = int(MAX_ASPECT_RATIO * min(size))
+    left, top = ((width - kept) // 2, 0) if width > height else (0, (height - kept) // 2)
+    cropped = load_image(path).crop((left, top, left + min(width, kept), top + min(height, kept)))
+    assert max(cropped.size) == MAX_ASPECT_RATIO * min(cropped.size)
+    assert pixels.shape == (3, 224, 224) and torch.equal(pixels, transform(cropped))
+    if interpolation == "bilinear":  # the model's own preprocessing
+        assert torch.equal(tiny_model.encoder.pixels(path), pixels) and tiny_model.caption(path)
 
 
 def peak_memory_mb(code: str) -> float:
@@ -161,43 +203,43 @@ BAD_OPTIONS = [
 
 
 @pytest.mark.parametrize("options, message", BAD_OPTIONS, ids=[m for _, m in BAD_OPTIONS])
-def test_decoding_options_are_typed_and_bounded(trained_model, options, message):
-    features = torch.zeros(1, trained_model.encoder.config.feature_size)
+def test_decoding_options_are_typed_and_bounded(tiny_model, options, message):
+    features = torch.zeros(1, tiny_model.encoder.config.feature_size)
     with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace(".", "\\.")) as error:
-        trained_model.generate(features, **options)
+        tiny_model.generate(features, **options)
     assert "\n" not in str(error.value)
     with pytest.raises(ConfigError):
         GenerationConfig(**options)
 
 
-def test_more_captions_than_beams_raises_the_beam(trained_model):
+def test_more_captions_than_beams_raises_the_beam(tiny_model):
     """The API, the CLI and the app agree: asking for n captions from a smaller beam widens the beam."""
     assert GenerationConfig(beam_size=2, num_return_sequences=5).beam_size == 5
-    features = torch.zeros(1, trained_model.encoder.config.feature_size)
-    nbest = trained_model.generate(features, beam_size=2, num_return_sequences=4)[0]
-    assert [c.text for c in nbest] == [c.text for c in trained_model.generate(features, beam_size=4,
+    features = torch.zeros(1, tiny_model.encoder.config.feature_size)
+    nbest = tiny_model.generate(features, beam_size=2, num_return_sequences=4)[0]
+    assert [c.text for c in nbest] == [c.text for c in tiny_model.generate(features, beam_size=4,
                                                                               num_return_sequences=4)[0]]
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 10**9, 2.0, True])
-def test_batch_size_is_bounded(trained_model, batch_size):
-    features = torch.zeros(2, trained_model.encoder.config.feature_size)
+def test_batch_size_is_bounded(tiny_model, batch_size):
+    features = torch.zeros(2, tiny_model.encoder.config.feature_size)
     with pytest.raises(ConfigError, match="batch_size must be"):
-        trained_model.generate(features, batch_size=batch_size)
+        tiny_model.generate(features, batch_size=batch_size)
     with pytest.raises(ConfigError, match="batch_size must be"):
-        trained_model.encode([np.zeros((8, 8, 3), np.uint8)], batch_size=batch_size)
+        tiny_model.encode([np.zeros((8, 8, 3), np.uint8)], batch_size=batch_size)
 
 
-def test_feature_rows_are_checked_or_converted(trained_model):
-    width = trained_model.encoder.config.feature_size
-    good = trained_model.encode([np.zeros((16, 16, 3), np.uint8)])
-    assert trained_model.caption(good.half()) == trained_model.caption(good)  # float16 rows are converted
+def test_feature_rows_are_checked_or_converted(tiny_model):
+    width = tiny_model.encoder.config.feature_size
+    good = tiny_model.encode([np.zeros((16, 16, 3), np.uint8)])
+    assert tiny_model.caption(good.half()) == tiny_model.caption(good)  # float16 rows are converted
     for rows, message in ((torch.full((1, width), math.nan), "NaN or infinite"),
                           (torch.full((1, width), math.inf), "NaN or infinite"),
                           (torch.zeros(1, width, dtype=torch.long), "floating point"),
                           (torch.zeros(1, width + 1), "columns")):
         with pytest.raises(ConfigError, match=message):
-            trained_model.generate(rows)
+            tiny_model.generate(rows)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -272,8 +314,8 @@ def test_non_finite_or_non_float_weights_are_refused(copy, corrupt, message):
         Captioner.from_pretrained(copy, device="cpu")
 
 
-def test_stored_encoder_weights_are_checked_too(copy, trained_model):
-    state = {k: v.clone() for k, v in trained_model.encoder.backbone.state_dict().items()}
+def test_stored_encoder_weights_are_checked_too(copy, tiny_model):
+    state = {k: v.clone() for k, v in tiny_model.encoder.backbone.state_dict().items()}
     state["features.0.0.weight"].fill_(math.nan)
     save_file(state, str(copy / "encoder.safetensors"))
     with pytest.raises(CaptionerError, match="features.0.0.weight holds NaN"):
@@ -285,15 +327,76 @@ JSON_VALUES = st.recursive(
     | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=6)
+# Values at and just past the documented bounds, where a wrongly accepted value hides best.
+EDGES = st.sampled_from([-1, 0, 1e-5, 0.5, 0.99, 1, 1.5, 4, 5, 5.5, -5.5, 10, 11, 64, 65, 100, 100.5, 101, 1000,
+                         1_000_001, 8193, 2**63, True, "beam", "Beam", "bicubic", [0.5, 0.5, 0.5], [0, 0, 0]])
 FIELDS = {"generation": ["strategy", "beam_size", "num_return_sequences", "max_length", "min_length", "length_penalty",
                          "no_repeat_ngram_size", "suppress_unk", "temperature", "top_k", "top_p", "seed"],
           "decoder": ["embed_size", "hidden_size", "num_layers", "dropout", "input_dropout", "vocab_size"],
           "encoder": ["name", "weights", "feature_size", "preprocessing"]}
+# The documented bounds (README, --help), written out here rather than read from the code that enforces them.
+GENERATION_BOUNDS = {"beam_size": ("int", 1, 64), "num_return_sequences": ("int", 1, 64), "max_length": ("int", 1, 100),
+                     "min_length": ("int", 0, 100), "length_penalty": ("float", -5, 5),
+                     "no_repeat_ngram_size": ("int", 0, 10), "temperature": ("float", 1e-4, 100),
+                     "top_k": ("int", 0, 1_000_000), "top_p": ("float", 1e-9, 1), "seed": ("int", 0, 2**63 - 1)}
+DECODER_BOUNDS = {"dropout": ("float", 0, 0.99), "input_dropout": ("float", 0, 0.99)}
+PREPROCESSING_BOUNDS = {"resize_size": ("int", 16, 1024), "crop_size": ("int", 16, 1024)}
+
+
+def assert_within(where: str, value, kind: str, low, high) -> None:
+    typed = (type(value) is int) if kind == "int" else (type(value) in (int, float) and math.isfinite(value))
+    assert typed and low <= value <= high, f"{where} = {value!r} was accepted (documented: {kind} in [{low}, {high}])"
+
+
+def assert_documented_bounds(loaded: dict, saved: dict) -> None:
+    """What a checkpoint loaded with satisfies the documented bounds; what the weights fix is unchanged."""
+    generation = loaded["generation"]
+    assert generation["strategy"] in ("beam", "greedy", "sample") and type(generation["suppress_unk"]) is bool
+    for key, bounds in GENERATION_BOUNDS.items():
+        if not (key == "seed" and generation[key] is None):
+            assert_within(f"generation.{key}", generation[key], *bounds)
+    assert generation["min_length"] <= generation["max_length"]
+    for key in ("feature_size", "vocab_size", "embed_size", "hidden_size", "num_layers", "members"):
+        assert loaded["decoder"][key] == saved["decoder"][key] and type(loaded["decoder"][key]) is int, key
+    for key, bounds in DECODER_BOUNDS.items():
+        assert_within(f"decoder.{key}", loaded["decoder"][key], *bounds)
+    encoder = loaded["encoder"]
+    assert {k: encoder[k] for k in ("name", "feature_size")} == {k: saved["encoder"][k] for k in ("name", "feature_size")}
+    preprocessing = encoder["preprocessing"]
+    for key, bounds in PREPROCESSING_BOUNDS.items():
+        assert_within(f"preprocessing.{key}", preprocessing[key], *bounds)
+    assert preprocessing["crop_size"] <= preprocessing["resize_size"]
+    assert preprocessing["interpolation"] in ("bilinear", "bicubic", "nearest")
+    for key, low in (("mean", -10), ("std", 1e-3)):
+        assert len(preprocessing[key]) == 3
+        for i, number in enumerate(preprocessing[key]):
+            assert_within(f"preprocessing.{key}[{i}]", number, "float", low, 10)
+
+
+def just_outside(kind: str, low, high) -> list:
+    step = 1 if kind == "int" else max(abs(high - low) * 1e-3, 1e-9)
+    return [low - step, high + step] + ([float(low), True] if kind == "int" else ["1"])
+
+
+OUT_OF_BOUNDS = [(section, key, value) for section, table in (("generation", GENERATION_BOUNDS),
+                                                              ("decoder", DECODER_BOUNDS))
+                 for key, bounds in table.items() for value in just_outside(*bounds)]
+
+
+@pytest.mark.parametrize("section, key, value", OUT_OF_BOUNDS, ids=[f"{s}.{k}={v!r}" for s, k, v in OUT_OF_BOUNDS])
+def test_each_value_just_outside_its_documented_bounds_is_refused(copy, section, key, value):
+    """The fuzz below draws at random; this tries every bounded field just past each end (and the wrong type)."""
+    edit_config(copy, lambda c: c[section].update({key: value}))
+    with pytest.raises(CheckpointError, match=key):
+        Captioner.from_pretrained(copy, device="cpu")
 
 
 @settings(max_examples=60 if IN_CI else 30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(section=st.sampled_from(sorted(FIELDS)), data=st.data(), value=JSON_VALUES)
-def test_fuzzed_config_loads_or_raises_a_captioner_error(checkpoint_dir, tmp_path_factory, section, data, value):
+@given(section=st.sampled_from(sorted(FIELDS)), data=st.data(), value=JSON_VALUES | EDGES)
+def test_fuzzed_config_loads_within_its_bounds_or_raises_a_captioner_error(checkpoint_dir, tmp_path_factory, section,
+                                                                           data, value):
+    """Any value in any field: a one-line CaptionerError, or a model whose configuration keeps the documented bounds
+    (a bad value wrongly accepted fails here even when the model still captions)."""
     target = tmp_path_factory.mktemp("fuzz") / "model"
     shutil.copytree(checkpoint_dir, target)
     key = data.draw(st.sampled_from(FIELDS[section]))
@@ -303,6 +406,7 @@ def test_fuzzed_config_loads_or_raises_a_captioner_error(checkpoint_dir, tmp_pat
     except CaptionerError as error:
         assert "\n" not in str(error)
     else:
+        assert_documented_bounds(model.config.to_dict(), json.loads((checkpoint_dir / "config.json").read_text()))
         captions = model.caption(torch.zeros(1, model.encoder.config.feature_size))  # a batch of one row
         assert len(captions) == 1 and isinstance(captions[0], str)
 
@@ -342,7 +446,6 @@ def test_cli_skips_a_file_without_read_permission(checkpoint_dir, synthetic, tmp
     assert result.stdout.startswith(f"{good}\t")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--batch-size", "-1"], "batch_size must be between 1 and 4096, not -1"),
     (["--batch-size", "0"], "batch_size must be between 1 and 4096, not 0"),
@@ -351,10 +454,9 @@ def test_cli_skips_a_file_without_read_permission(checkpoint_dir, synthetic, tmp
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
     (["--device", "banana"], "unknown device 'banana'"),
 ])
-def test_cli_usage_mistakes_exit_2_before_any_work(checkpoint_dir, synthetic, args, message):
+def test_cli_usage_mistakes_exit_2_before_any_work(checkpoint_dir, synthetic, capsys, args, message):
     good = sorted((synthetic / "images").glob("test_*.png"))[0]
-    result = run("-m", "captioner", "caption", "--model", str(checkpoint_dir), str(good), *args)
-    assert message in one_line_error(result) and result.stdout == ""
+    assert message in one_line_error(in_process(capsys, "caption", "--model", str(checkpoint_dir), str(good), *args))
 
 
 @pytest.mark.slow
@@ -388,9 +490,8 @@ def test_files_from_a_device_is_refused_unread():
     assert peak < 1500  # importing the package takes about 700 MB; reading to the bound, 2 GiB more
 
 
-@pytest.mark.slow
-def test_cli_missing_path_is_a_usage_mistake(checkpoint_dir, tmp_path):
-    result = run("-m", "captioner", "caption", "--model", str(checkpoint_dir), str(tmp_path / "nope.jpg"))
+def test_cli_missing_path_is_a_usage_mistake(checkpoint_dir, tmp_path, capsys):
+    result = in_process(capsys, "caption", "--model", str(checkpoint_dir), str(tmp_path / "nope.jpg"))
     assert "nope.jpg: no such file or folder" in one_line_error(result)
 
 
@@ -461,10 +562,9 @@ def test_evaluate_write_failure_is_one_line_and_keeps_the_previous_file(evaluate
     assert out.read_text() == '{"BLEU-4": 0.1}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
-@pytest.mark.slow
-def test_evaluate_with_a_bad_batch_size_exits_at_once(checkpoint_dir, synthetic):
-    result = run("-m", "captioner", "evaluate", "--model", str(checkpoint_dir), "--images", str(synthetic / "images"),
-                 "--captions", str(synthetic / "test.json"), "--batch-size", "-1", timeout=120)
+def test_evaluate_with_a_bad_batch_size_exits_at_once(checkpoint_dir, synthetic, capsys):
+    result = in_process(capsys, "evaluate", "--model", str(checkpoint_dir), "--images", str(synthetic / "images"),
+                        "--captions", str(synthetic / "test.json"), "--batch-size", "-1")
     assert "batch_size must be between" in one_line_error(result)
 
 

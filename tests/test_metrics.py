@@ -6,6 +6,7 @@ import pytest
 
 from captioner import metrics
 from captioner.metrics import CiderD, fallback_tokenize, score_captions
+from conftest import need
 
 REFS = {1: ["A dog runs on the grass .", "a brown dog running", "The dog is running outside"],
         2: ["Two children play in the water", "kids splash in a pool", "two kids swim"],
@@ -13,8 +14,9 @@ REFS = {1: ["A dog runs on the grass .", "a brown dog running", "The dog is runn
 
 
 def test_perfect_and_poor_predictions():
-    perfect = score_captions({k: v[0] for k, v in REFS.items()}, REFS)
-    poor = score_captions({k: "a red car" for k in REFS}, REFS)
+    without_meteor = ("BLEU", "ROUGE-L", "CIDEr-D")  # METEOR's own Java start is tested below
+    perfect = score_captions({k: v[0] for k, v in REFS.items()}, REFS, without_meteor)
+    poor = score_captions({k: "a red car" for k in REFS}, REFS, without_meteor)
     for name in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr-D"):
         assert perfect[name] > poor[name]
     assert perfect["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
@@ -22,12 +24,11 @@ def test_perfect_and_poor_predictions():
     assert poor["vocabulary_used"] == 3
 
 
-def test_java_scorers_present_when_java_is(monkeypatch):
+def test_java_scorers_present_when_java_is():
+    """METEOR (and the PTB tokenizer) need Java: skipped without it on a user's machine, a failure under CI."""
+    need(metrics.java_available(), "Java is not installed (METEOR needs it)")
     scores = score_captions({k: v[1] for k, v in REFS.items()}, REFS)
-    if metrics.java_available():
-        assert 0 < scores["METEOR"] <= 1
-    else:
-        assert "METEOR" not in scores
+    assert 0.5 < scores["METEOR"] <= 1  # each prediction is one of its references
 
 
 def test_fallback_without_java(monkeypatch, caplog):

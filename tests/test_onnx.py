@@ -31,10 +31,10 @@ def export(source: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(trained_model, tmp_path_factory) -> Path:
-    """The small synthetic-shapes model, saved and exported to ONNX through the CLI."""
+def exported(tiny_model, tmp_path_factory) -> Path:
+    """The tiny random-weight model, saved and exported to ONNX through the CLI."""
     folder = tmp_path_factory.mktemp("onnx")
-    trained_model.save_pretrained(folder / "source")
+    tiny_model.save_pretrained(folder / "source")
     return export(folder / "source", folder / "exported")
 
 
@@ -68,8 +68,8 @@ def test_export_writes_checked_graphs_with_dynamic_batch_axes(exported):
     assert [o.name for o in onnx.load(str(exported / DECODER_INIT_ONNX)).graph.output] == ["h", "c"]
 
 
-def test_engine_choice(exported, trained_model, tmp_path):
-    plain = trained_model.save_pretrained(tmp_path / "plain")  # no graph files: the engine exports its own
+def test_engine_choice(exported, tiny_model, tmp_path):
+    plain = tiny_model.save_pretrained(tmp_path / "plain")  # no graph files: the engine exports its own
     assert Captioner.from_pretrained(plain, device="cpu").engine == "onnx"  # auto, on the CPU
     assert Captioner.from_pretrained(plain, device="cpu", engine="torch").engine == "torch"
     with pytest.raises(ConfigError, match="runs on the CPU" if torch.cuda.is_available() else "CUDA is not available"):
@@ -243,6 +243,7 @@ def huge_graphs(folder: Path) -> None:
     onnx.save(helper.make_model(expand, opset_imports=[helper.make_opsetid("", 17)]), str(folder / DECODER_INIT_ONNX))
 
 
+@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
 def test_huge_and_endless_graphs_in_a_checkpoint_cost_nothing(exported, test_images, tmp_path):
     """Bounds measured on a real process: it finishes (the timeout is a hang guard, not a speed target) and its
     peak memory is a photo's, not the 5 GB file's or the 8 GiB Expand's."""
@@ -258,6 +259,7 @@ def test_huge_and_endless_graphs_in_a_checkpoint_cost_nothing(exported, test_ima
     assert peak_kib < 2 << 20, f"peak memory {peak_kib / 1024:.0f} MB"
 
 
+@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
 def test_a_tampered_graph_beside_its_weights_changes_nothing(exported, engines, test_images, tmp_path):
     """The step graph with 9 added to one word's output bias, fingerprint kept: it would say that word."""
     import onnxruntime
@@ -280,6 +282,7 @@ def test_a_tampered_graph_beside_its_weights_changes_nothing(exported, engines, 
         engines[0].score(features[:1], [engines[0].caption(features[:1])[0]])[0], abs=1e-3)
 
 
+@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
 def test_cached_graphs_pointing_at_other_files_are_exported_again(exported, engines, test_images, session_cache,
                                                                     monkeypatch, tmp_path):
     model = engines[1]
@@ -298,7 +301,8 @@ def test_cached_graphs_pointing_at_other_files_are_exported_again(exported, engi
         assert (entry / DECODER_STEP_ONNX).read_bytes() == clean, where  # the entry was exported again
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "symlink", "folder", "missing"])
+@pytest.mark.parametrize("damage", ["truncated", *(pytest.param(damage, marks=pytest.mark.slow)  # one export each
+                                                 for damage in ("garbage", "symlink", "folder", "missing"))])
 def test_a_damaged_cache_entry_is_exported_again(exported, engines, test_images, session_cache, tmp_path, damage):
     fingerprint = weights_fingerprint(engines[0].encoder, engines[0].decoder)
     graph = session_cache / "onnx" / fingerprint / ENCODER_ONNX
@@ -318,6 +322,7 @@ def test_a_damaged_cache_entry_is_exported_again(exported, engines, test_images,
     assert graph.is_file() and not graph.is_symlink() and graph.read_bytes() == clean
 
 
+@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
 def test_an_unusable_cache_costs_an_export_not_a_failure(exported, engines, test_images, tmp_path, monkeypatch, caplog):
     shared = tmp_path / "shared"
     (shared / "onnx").mkdir(parents=True)
@@ -333,9 +338,10 @@ def test_an_unusable_cache_costs_an_export_not_a_failure(exported, engines, test
     assert list((shared / "onnx").iterdir()) == []  # nothing written where others could have written
 
 
-def test_the_cache_keeps_the_most_recently_used_models_within_its_bound(trained_model, tmp_path, monkeypatch):
+@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
+def test_the_cache_keeps_the_most_recently_used_models_within_its_bound(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("CAPTIONER_CACHE_DIR", str(tmp_path / "cache"))
-    first = trained_model.save_pretrained(tmp_path / "first")
+    first = tiny_model.save_pretrained(tmp_path / "first")
     second = Captioner.from_pretrained(first, engine="torch")
     with torch.no_grad():
         second.decoder.output.bias.add_(0.5)
@@ -349,11 +355,12 @@ def test_the_cache_keeps_the_most_recently_used_models_within_its_bound(trained_
     assert entries() == [weights_fingerprint(loaded.encoder, loaded.decoder)]
 
 
-def test_concurrent_first_loads_share_one_cache_entry(trained_model, test_images, tmp_path, monkeypatch):
+@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
+def test_concurrent_first_loads_share_one_cache_entry(tiny_model, test_images, tmp_path, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     monkeypatch.setenv("CAPTIONER_CACHE_DIR", str(tmp_path / "cache"))
-    folder = trained_model.save_pretrained(tmp_path / "model")
+    folder = tiny_model.save_pretrained(tmp_path / "model")
     with ThreadPoolExecutor(3) as pool:
         models = list(pool.map(lambda _: Captioner.from_pretrained(folder, engine="onnx"), range(3)))
     assert len({tuple(m.caption(test_images[:3])) for m in models}) == 1
@@ -361,9 +368,10 @@ def test_concurrent_first_loads_share_one_cache_entry(trained_model, test_images
     assert len(entries) == 1 and sorted(p.name for p in entries[0].iterdir()) == sorted(ONNX_FILES)
 
 
-def test_weights_that_overflow_are_one_line_not_nan_captions(trained_model, test_images, tmp_path, capsys):
+@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
+def test_weights_that_overflow_are_one_line_not_nan_captions(tiny_model, test_images, tmp_path, capsys):
     """Finite weights pass the checkpoint's checks, but 3e38 overflows the logits: one error line, no NaN output."""
-    model = Captioner.from_pretrained(trained_model.save_pretrained(tmp_path / "plain"), engine="torch")
+    model = Captioner.from_pretrained(tiny_model.save_pretrained(tmp_path / "plain"), engine="torch")
     with torch.no_grad():
         model.decoder.output.weight.fill_(3e38)
     folder = model.save_pretrained(tmp_path / "overflowing")
@@ -407,6 +415,7 @@ def test_export_never_replaces_what_is_not_a_checkpoint(exported, tmp_path, caps
     assert Captioner.from_pretrained(tmp_path / "empty", engine="torch").caption([]) == []
 
 
+@pytest.mark.slow  # needs a training run's resumable checkpoint
 def test_export_in_place_writes_the_graphs_as_a_set_and_keeps_the_rest(trained_run, tmp_path, capsys):
     folder = shutil.copytree(trained_run / "last", tmp_path / "last")  # a resumable run's checkpoint
     before = files_of(folder)
@@ -440,6 +449,7 @@ def small_filesystem(tmp_path):
         subprocess.run(["umount", "-l", str(point)], check=False)
 
 
+@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
 @pytest.mark.parametrize("filesystem", ["full", "read-only"])
 def test_a_failed_export_leaves_the_checkpoint_as_it_was(exported, small_filesystem, test_images, filesystem, capsys):
     size = sum(p.stat().st_size for p in exported.iterdir())
@@ -456,6 +466,7 @@ def test_a_failed_export_leaves_the_checkpoint_as_it_was(exported, small_filesys
 
 
 # ---------------------------------------------------------------------------------------- the bundled model
+@pytest.mark.slow  # 200 Flickr8k photos
 def test_bundled_model_on_flickr8k_test_photos(bundled_engines, shared_data):
     """Beam search (the default) agrees on >= 99% of 200 photos; greedy and sampling on a few."""
     torch_model, onnx_model = bundled_engines

@@ -20,8 +20,8 @@ from conftest import ROOT
 
 
 @pytest.fixture()
-def checkpoint_dir(trained_model, tmp_path):
-    return trained_model.save_pretrained(tmp_path / "model")
+def checkpoint_dir(tiny_model, tmp_path):
+    return tiny_model.save_pretrained(tmp_path / "model")
 
 
 def test_directory_with_pickles_is_refused_without_loading_them(checkpoint_dir, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -17,9 +18,10 @@ from captioner.scst import dropout_off
 from captioner.training import train
 from conftest import ROOT, synthetic_config
 
-pytestmark = pytest.mark.slow  # trains models or runs subprocesses: `pytest -m "not slow"` skips them
+# Tests that train a model or start a process are marked slow one by one: `pytest -m "not slow"` skips them.
 
 
+@pytest.mark.slow
 def test_training_learns_to_caption_held_out_images(trained_model, synthetic):
     records, _ = load_captions(synthetic / "test.json", synthetic / "images")
     meta = {i["id"]: i for i in json.loads((synthetic / "test.json").read_text())["images"]}
@@ -30,6 +32,7 @@ def test_training_learns_to_caption_held_out_images(trained_model, synthetic):
                                                     for r in records], captions))
 
 
+@pytest.mark.slow
 def test_training_writes_log_plot_and_checkpoints(trained_run):
     out = trained_run
     history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -43,6 +46,7 @@ def test_training_writes_log_plot_and_checkpoints(trained_run):
     assert {"trainer.json", "training_state.safetensors"} <= {p.name for p in (out / "last").iterdir()}
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_gives_identical_captions(trained_model, synthetic, tmp_path):
     images = sorted((synthetic / "images").glob("test_*.png"))[:8]
     before = trained_model.generate(images, num_return_sequences=2, beam_size=3)
@@ -54,6 +58,7 @@ def test_checkpoint_round_trip_gives_identical_captions(trained_model, synthetic
                           torch.tensor([[c.log_prob for c in row] for row in after]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_training(synthetic, feature_cache, tmp_path):
     common = dict(encoder="resnet18", encoder_weights="none", epochs=4, dropout=0.3, batch_size=64)
     straight = train(synthetic_config(synthetic, tmp_path / "straight", feature_cache, **common))
@@ -103,19 +108,25 @@ def test_train_cli_reports_bad_data_in_one_line(synthetic, tmp_path, train_in_pr
     assert not (tmp_path / "out" / "last").exists()
 
 
-def test_train_cli_help_and_bad_options(tmp_path):
+@pytest.mark.slow
+def test_train_py_help_lists_the_options():
+    """The entry point itself, in a real process."""
     help_text = run_cli("--help").stdout
     for flag in ("--images", "--train-captions", "--val-captions", "--encoder", "--epochs", "--out", "--resume",
                  "--seed", "--batch-size", "--lr", "--config", "--finetune-encoder", "--scst-epochs"):
         assert flag in help_text
-    result = run_cli("--resume", "--out", str(tmp_path / "nothing"))
+
+
+def test_train_cli_bad_options(tmp_path, train_in_process):
+    result = train_in_process("--resume", "--out", str(tmp_path / "nothing"))
     assert result.returncode == 2 and "nothing to resume" in result.stderr and "Traceback" not in result.stderr
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"epochs": 3, "learning_rate": 0.1}))
-    result = run_cli("--config", str(config))
+    result = train_in_process("--config", str(config))
     assert result.returncode == 2 and "learning_rate" in result.stderr
 
 
+@pytest.mark.slow
 def test_config_file_and_flags_merge(synthetic, feature_cache, tmp_path):
     """Flags override the config file, which overrides the defaults (seen in the saved trainer.json)."""
     config = tmp_path / "run.toml"
@@ -129,6 +140,7 @@ def test_config_file_and_flags_merge(synthetic, feature_cache, tmp_path):
     assert saved["batch_size"] == 50 and saved["hidden_size"] == 32 and saved["lr"] == 4e-4
 
 
+@pytest.mark.slow
 def test_scst_phase_raises_reward_and_keeps_the_cross_entropy_best(synthetic, feature_cache, tmp_path):
     config = synthetic_config(synthetic, tmp_path / "scst", feature_cache, epochs=10, scst_epochs=3,
                               scst_lr=5e-4, scst_samples=4, scst_batch_size=4)
@@ -142,13 +154,14 @@ def test_scst_phase_raises_reward_and_keeps_the_cross_entropy_best(synthetic, fe
     assert max(h["CIDEr-D"] for h in scst) >= best_xe - 0.05
 
 
+@pytest.mark.slow
 def test_scheduled_sampling_label_smoothing_and_encoder_finetuning_train(synthetic, tmp_path):
     config = synthetic_config(synthetic, tmp_path / "variants", tmp_path / "cache", encoder="resnet18",
                               encoder_weights="none", epochs=2, scheduled_sampling=0.5, label_smoothing=0.1,
                               finetune_encoder=True, encoder_lr=1e-3)
     best = train(config)
     history = [json.loads(line) for line in (tmp_path / "variants" / "log.jsonl").read_text().splitlines()]
-    assert len(history) == 2 and all(h["loss"] == h["loss"] for h in history)  # finite, not NaN
+    assert len(history) == 2 and all(math.isfinite(h["loss"]) for h in history)
     assert (best / "encoder.safetensors").is_file()
     assert json.loads((best / "config.json").read_text())["encoder"]["weights"] == "checkpoint"
     torch.manual_seed(0)
@@ -158,6 +171,7 @@ def test_scheduled_sampling_label_smoothing_and_encoder_finetuning_train(synthet
     assert not torch.equal(load_file(str(best / "encoder.safetensors"))["conv1.weight"], initial)
 
 
+@pytest.mark.slow
 def test_scst_with_greedy_baseline_runs(synthetic, feature_cache, tmp_path):
     config = synthetic_config(synthetic, tmp_path / "greedy", feature_cache, epochs=2, scst_epochs=1,
                               scst_baseline="greedy", scst_samples=2, scst_batch_size=8)
@@ -166,6 +180,7 @@ def test_scst_with_greedy_baseline_runs(synthetic, feature_cache, tmp_path):
     assert phases == ["xe", "xe", "scst"]
 
 
+@pytest.mark.slow
 def test_augmented_views_train_and_validate_on_the_centre_view(synthetic, feature_cache, tmp_path):
     from captioner.training import Trainer
 
@@ -180,6 +195,49 @@ def test_augmented_views_train_and_validate_on_the_centre_view(synthetic, featur
     assert all(any(torch.equal(picked[i], trainer.train_split.features[v, i]) for v in range(2)) for i in range(8))
     trainer.run()
     assert len((tmp_path / "augment" / "log.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_label_smoothing_and_scheduled_sampling_change_the_training_loss(synthetic, feature_cache, tmp_path):
+    """Same seed, same data: label smoothing changes the first epoch's loss; scheduled sampling, whose probability
+    ramps up from 0, leaves the first epoch as it was and changes the second."""
+    def losses(name, **options):
+        train(synthetic_config(synthetic, tmp_path / name, feature_cache, epochs=2, embed_size=16, hidden_size=32,
+                               dropout=0.0, input_dropout=0.0, batch_size=64, **options))
+        return [json.loads(line)["loss"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+
+    plain, smoothed, sampled = losses("plain"), losses("smoothed", label_smoothing=0.2), losses("sampled",
+                                                                                               scheduled_sampling=1.0)
+    assert all(math.isfinite(loss) for loss in plain + smoothed + sampled)
+    assert smoothed[0] != pytest.approx(plain[0], rel=1e-3)
+    assert sampled[0] == pytest.approx(plain[0], rel=1e-6) and sampled[1] != pytest.approx(plain[1], rel=1e-3)
+
+
+def test_scheduled_sampling_feeds_the_models_own_words():
+    """With probability 1 every input word after <start> is the model's previous argmax; with 0 the caption's."""
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig(16, 30, 8, 12, dropout=0.0, input_dropout=0.0))
+    features, tokens = torch.randn(3, 16), torch.randint(4, 30, (3, 7))
+    tokens[:, 0] = 1  # <start>
+    lengths = torch.full((3,), 7)
+    fed, step = [], decoder.step
+
+    def recording_step(previous, state):
+        fed.append(previous.clone())
+        return step(previous, state)
+
+    decoder.step = recording_step
+    own = decoder(features, tokens, lengths, sampling_probability=1.0)
+    assert torch.equal(fed[0], tokens[:, 0])
+    for t in range(1, tokens.size(1) - 1):
+        assert torch.equal(fed[t], own[:, t - 1].argmax(-1)), t
+    assert not torch.equal(torch.stack(fed[1:], 1), tokens[:, 1:-1])  # not the caption's words
+    teacher = decoder(features, tokens, lengths)
+    assert not torch.allclose(own, teacher)
+    fed.clear()
+    decoder(features, tokens, lengths, sampling_probability=1e-12)  # the step-by-step path, (almost) never sampling
+    assert torch.equal(torch.stack(fed, 1), tokens[:, :-1])
+    del decoder.step
 
 
 def test_dropout_off_scores_like_eval_mode_and_restores_dropout():

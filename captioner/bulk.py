@@ -491,7 +491,8 @@ def caption_files(model: Captioner, files: Sequence[str], writer: Writer, config
             bar.update(len(records))
     seconds = time.perf_counter() - started
     if todo:
-        log.info("captioned %d files in %.1f s (%.1f photos/s)%s", len(todo), seconds, len(todo) / seconds,
+        log.info("captioned %d file%s in %.1f s (%.1f photos/s)%s", len(todo), "" if len(todo) == 1 else "s", seconds,
+                 len(todo) / seconds,
                  f"; {len(files) - len(todo)} already done" if len(todo) < len(files) else "")
     else:
         log.info("all %d files were already done", len(files))

@@ -126,7 +126,11 @@ def _fsync(path: Path) -> None:
 
 
 def check_directory(path: str | os.PathLike[str]) -> Path:
-    """A readable checkpoint directory holding no pickles, or :class:`CheckpointError`."""
+    """A readable checkpoint directory holding no pickles, whose files stay inside it, or :class:`CheckpointError`.
+
+    A link among the files loading reads may point within the folder, never outside it: a folder must not
+    make loading read another model's weights or any other file of the machine.
+    """
     path = recover(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
@@ -139,6 +143,10 @@ def check_directory(path: str | os.PathLike[str]) -> Path:
     for name in (CONFIG_FILE, VOCAB_FILE, MODEL_FILE):
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: not a captioner checkpoint ({name} is missing)")
+    inside = path.resolve()
+    for name in (CONFIG_FILE, VOCAB_FILE, MODEL_FILE, ENCODER_FILE):
+        if (path / name).is_symlink() and not (path / name).resolve().is_relative_to(inside):
+            raise CheckpointError(f"{path}: {name} is a link to a file outside the checkpoint folder; copy the file in")
     return path
 
 

@@ -391,6 +391,23 @@ def test_each_value_just_outside_its_documented_bounds_is_refused(copy, section,
         Captioner.from_pretrained(copy, device="cpu")
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "vocab.json", "encoder.safetensors"])
+def test_checkpoint_files_may_link_within_their_folder_never_outside(checkpoint_dir, tmp_path, name):
+    folder = shutil.copytree(checkpoint_dir, tmp_path / "linked")
+    outside = tmp_path / "outside"
+    outside.write_bytes((folder / name).read_bytes() if (folder / name).is_file() else b"anything")
+    (folder / name).unlink(missing_ok=True)
+    (folder / name).symlink_to(outside)
+    with pytest.raises(CheckpointError, match=f"^{folder}: {name} is a link to a file outside the checkpoint folder"):
+        Captioner.from_pretrained(folder, device="cpu", engine="torch")
+    if name != "encoder.safetensors":  # a link that stays inside is fine
+        (folder / name).unlink()
+        (folder / "weights").mkdir()
+        shutil.move(outside, folder / "weights" / name)
+        (folder / name).symlink_to(Path("weights") / name)
+        assert Captioner.from_pretrained(folder, device="cpu", engine="torch").caption([]) == []
+
+
 @settings(max_examples=60 if IN_CI else 30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(section=st.sampled_from(sorted(FIELDS)), data=st.data(), value=JSON_VALUES | EDGES)
 def test_fuzzed_config_loads_within_its_bounds_or_raises_a_captioner_error(checkpoint_dir, tmp_path_factory, section,

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from captioner import Captioner  # noqa: E402
-from captioner.images import load_image  # noqa: E402
+from captioner.data.images import load_image  # noqa: E402
 
 
 def photos(count: int) -> list[Path]:

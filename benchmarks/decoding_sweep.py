@@ -16,7 +16,7 @@ import json
 import time
 
 from captioner import Captioner
-from captioner.data import load_captions
+from captioner.data.annotations import load_captions
 from captioner.metrics import score_captions
 
 

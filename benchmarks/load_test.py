@@ -79,7 +79,7 @@ def main() -> int:
     from gradio_client import Client, handle_file
 
     from captioner import Captioner
-    from captioner.webapp import caption_photo
+    from captioner.serve.webapp import caption_photo
 
     model = Captioner.from_pretrained(args.model, device="cpu")
     port = free_port()

@@ -27,12 +27,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from captioner import Captioner
-from captioner.data import load_captions
-from captioner.decoding import Caption
-from captioner.features import FeatureCache
+from captioner.data.annotations import load_captions
+from captioner.generation.search import Caption
+from captioner.train.features import FeatureCache
 from captioner.runtime import cache_dir
 from captioner.metrics import CiderD, score_captions
-from captioner.vocab import tokenize
+from captioner.data.vocab import tokenize
 
 Similarity = Callable[[Sequence[str], Sequence[str]], float]
 

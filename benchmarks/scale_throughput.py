@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from captioner.decoder import Decoder, DecoderConfig
-from captioner.encoder import Encoder
-from captioner.features import extract_features
-from captioner.vocab import PAD_ID
+from captioner.models.decoder import Decoder, DecoderConfig
+from captioner.models.encoder import Encoder
+from captioner.train.features import extract_features
+from captioner.data.vocab import PAD_ID
 
 VOCAB_SIZE = 10_000  # Karpathy's COCO vocabulary with a frequency threshold of 5 has ~9,500 words
 

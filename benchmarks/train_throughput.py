@@ -1,7 +1,7 @@
 """Training throughput: decoder steps from cached features vs re-running the CNN for every batch.
 
 The common tutorials load, preprocess and encode the images of every batch, every epoch. captioner
-encodes each image once (features.py) and trains the decoder from the cache. Both loops below do the
+encodes each image once (captioner/train/features.py) and trains the decoder from the cache. Both loops below do the
 same decoder work on the same captions with the same batch size; only the source of the features
 differs. Prints captions/second for both and the ratio.
 
@@ -24,12 +24,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from captioner.data import encode_captions, load_captions  # noqa: E402
-from captioner.decoder import Decoder, DecoderConfig  # noqa: E402
-from captioner.encoder import Encoder  # noqa: E402
-from captioner.features import extract_features  # noqa: E402
-from captioner.images import load_image  # noqa: E402
-from captioner.vocab import PAD_ID, Vocabulary  # noqa: E402
+from captioner.data.annotations import encode_captions, load_captions  # noqa: E402
+from captioner.models.decoder import Decoder, DecoderConfig  # noqa: E402
+from captioner.models.encoder import Encoder  # noqa: E402
+from captioner.train.features import extract_features  # noqa: E402
+from captioner.data.images import load_image  # noqa: E402
+from captioner.data.vocab import PAD_ID, Vocabulary  # noqa: E402
 
 
 def dataset(limit_images: int):

@@ -4,9 +4,17 @@
 >>> Captioner.from_pretrained().caption("photo.jpg")
 """
 
-from .decoding import Caption, GenerationConfig
-from .errors import CaptionerError, CheckpointError, ConfigError, DataError, ImageError, WeightsError
-from .model import Captioner
+from .errors import (
+           CaptionerError,
+           CheckpointError,
+           ConfigError,
+           DataError,
+           ImageError,
+           WeightsError,
+)
+from .generation.config import GenerationConfig
+from .generation.search import Caption
+from .models.captioner import Captioner
 
 __all__ = ["Captioner", "Caption", "GenerationConfig", "CaptionerError", "CheckpointError", "ConfigError",
            "DataError", "ImageError", "WeightsError"]

@@ -71,7 +71,7 @@ def read_config_file(path: str) -> dict:
 
 # ---------------------------------------------------------------------------------------- train
 def _train_parser(sub) -> None:
-    from .train_config import TrainConfig
+    from .train.config import TrainConfig
 
     parser = sub.add_parser("train", help="train a captioner on COCO-style data", parents=[_common()],
                             description="Train a Show-and-Tell captioner. Options come from the defaults, then "
@@ -86,30 +86,27 @@ def _train_parser(sub) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from . import checkpoint
-    from .train_config import TrainConfig
-    from .train_state import TRAINER_FILE, read_trainer_file
-    from .training import train
+    from .train.config import TrainConfig, resume_folder, run_options
+    from .train.state import TRAINER_FILE, read_trainer_file
+    from .train.trainer import train
 
-    explicit = explicit_options(args, TrainConfig)
-    from_file: dict = {}
-    if args.config:
-        from_file = {k.replace("-", "_"): v for k, v in read_config_file(args.config).items()}
-        TrainConfig.from_dict(from_file, args.config)  # names the file if it has unknown options
+    flags = explicit_options(args, TrainConfig)
+    file = {k.replace("-", "_"): v for k, v in read_config_file(args.config).items()} if args.config else {}
     saved: dict = {}
     if args.resume:
-        out = Path(explicit.get("out") or from_file.get("out") or TrainConfig.out)
+        out = resume_folder(flags, file)
         trainer_file = checkpoint.recover(out / "last") / TRAINER_FILE
         if not trainer_file.is_file():
             raise ConfigError(f"{out}: nothing to resume (no last/{TRAINER_FILE})")
         saved = read_trainer_file(trainer_file.parent)["config"]
-    best = train(TrainConfig.from_dict({**saved, **from_file, **explicit}), resume=args.resume)
+    best = train(run_options(flags, file, saved, args.config or "config file"), resume=args.resume)
     print(f"best checkpoint: {best}")
     return 0
 
 
 # ---------------------------------------------------------------------------------------- caption
 def _engine_option(parser: argparse.ArgumentParser) -> None:
-    from .onnx_engine import ENGINES
+    from .models.onnx_engine import ENGINES
 
     parser.add_argument("--engine", default="auto", choices=ENGINES,
                         help="run the model with ONNX Runtime (CPU only; graphs exported from the weights on first use "
@@ -117,7 +114,7 @@ def _engine_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _decoding_options(parser: argparse.ArgumentParser) -> None:
-    from .decoding import GenerationConfig
+    from .generation.config import GenerationConfig
 
     group = parser.add_argument_group("decoding (defaults come from the model's config.json)")
     add_dataclass_options(group, GenerationConfig, _bundled_generation(), "from the model")
@@ -139,8 +136,8 @@ def _bundled_generation() -> dict:
 
 def _decoding_arguments(args: argparse.Namespace) -> dict:
     """The decoding options given on the command line, checked before any model is loaded."""
-    from .decoding import GenerationConfig
-    from .model import check_batch_size
+    from .generation.config import GenerationConfig
+    from .models.captioner import check_batch_size
     from .runtime import pick_device
 
     check_batch_size(args.batch_size)
@@ -182,9 +179,11 @@ def _caption_parser(sub) -> None:
 
 
 def _caption(args: argparse.Namespace) -> int:
-    from .bulk import Shard, caption_files, check_workers, collect_inputs, open_output, rank_device, this_share
-    from .model import Captioner
+    from .models.captioner import Captioner
     from .runtime import stage_threads
+    from .serve.bulk import caption_files, rank_device
+    from .serve.inputs import Shard, check_workers, collect_inputs, this_share
+    from .serve.jsonl import open_output
 
     options = _decoding_arguments(args)
     shard = Shard.parse(args.shard) if args.shard is not None else Shard()
@@ -219,7 +218,8 @@ def _merge_parser(sub) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .bulk import collect_inputs, default_parts, merge
+    from .serve.inputs import collect_inputs
+    from .serve.merge import default_parts, merge
 
     out = Path(args.out)
     merge(collect_inputs(args.paths, args.files_from), [Path(p) for p in args.parts] if args.parts else default_parts(out),
@@ -242,9 +242,9 @@ def _evaluate_parser(sub) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .bulk import check_workers
     from .checkpoint import check_output_file, write_atomically
-    from .evaluation import evaluate
+    from .serve.evaluation import evaluate
+    from .serve.inputs import check_workers
 
     options, num_workers = _decoding_arguments(args), check_workers(args.num_workers)
     # The output files are checked now, not when the split has been captioned and scored.
@@ -267,7 +267,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- export
 def _export_parser(sub) -> None:
-    from .decoding import GenerationConfig
+    from .generation.config import GenerationConfig
 
     parser = sub.add_parser("export", help="copy a checkpoint for inference, optionally in float16, with new "
                                            "default decoding settings or with ONNX graphs; or join several "
@@ -294,10 +294,10 @@ def _export(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 
     from . import checkpoint
-    from .decoder import MAX_MEMBERS
-    from .decoding import GenerationConfig
-    from .model import Captioner
-    from .onnx_engine import export_graphs
+    from .generation.config import GenerationConfig
+    from .models.captioner import Captioner
+    from .models.decoder import MAX_MEMBERS
+    from .models.onnx_engine import export_graphs
 
     options = explicit_options(args, GenerationConfig)
     if len(args.model) > MAX_MEMBERS:
@@ -358,7 +358,7 @@ def _demo(args: argparse.Namespace) -> int:
     pick_device(args.device)
     if args.port is not None and not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 1 and 65535, not {args.port}")
-    from .webapp import launch
+    from .serve.webapp import launch
 
     launch(args.model, args.host, args.port, args.device, engine=args.engine)
     return 0

@@ -19,7 +19,6 @@ import torch.distributed as dist
 from .errors import ConfigError
 from .runtime import pick_device
 
-
 MAX_WORLD_SIZE = 1_000_000
 
 

@@ -106,9 +106,9 @@ def random_captioner(seed: int = 0, num_layers: int = 1) -> "Captioner":
     import torch
 
     from captioner import Captioner
-    from captioner.decoder import DecoderConfig, build_decoder
-    from captioner.encoder import Encoder
-    from captioner.vocab import END_ID, SPECIAL_TOKENS, Vocabulary
+    from captioner.models.decoder import DecoderConfig, build_decoder
+    from captioner.models.encoder import Encoder
+    from captioner.data.vocab import END_ID, SPECIAL_TOKENS, Vocabulary
 
     torch.manual_seed(seed)
     encoder = Encoder.pretrained("mobilenet_v2")
@@ -135,7 +135,7 @@ def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
 
 
 def synthetic_config(synthetic: Path, out: Path, cache: Path, **overrides):
-    from captioner.train_config import TrainConfig
+    from captioner.train.config import TrainConfig
 
     values = dict(images=str(synthetic / "images"), train_captions=str(synthetic / "train.json"),
                   val_captions=str(synthetic / "val.json"), out=str(out), encoder="mobilenet_v2",
@@ -149,7 +149,7 @@ def synthetic_config(synthetic: Path, out: Path, cache: Path, **overrides):
 def trained_run(synthetic, feature_cache, tmp_path_factory) -> Path:
     """(For ``slow`` tests only: it costs about 20 s.) The output folder of one training run (15 epochs, random decoder weights, MobileNetV2 features) on the
     synthetic shapes: best/, last/, log.jsonl, training.png."""
-    from captioner.training import train
+    from captioner.train.trainer import train
 
     out = tmp_path_factory.mktemp("trained")
     train(synthetic_config(synthetic, out, feature_cache))

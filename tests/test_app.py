@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from captioner.webapp import caption_photo
+from captioner.serve.webapp import caption_photo
 from conftest import ROOT, need
 from synthetic import png_header
 

@@ -12,11 +12,11 @@ import pytest
 from conftest import ROOT
 
 from captioner.bounds import check_fields, field_types, from_dict, option
-from captioner.decoding import GenerationConfig
-from captioner.encoder import EncoderConfig
+from captioner.generation.config import GenerationConfig
+from captioner.models.encoder import EncoderConfig
 from captioner.errors import CaptionerError, ConfigError
-from captioner.model import CaptionerConfig
-from captioner.train_config import TrainConfig
+from captioner.models.captioner import CaptionerConfig
+from captioner.train.config import TrainConfig
 
 
 @dataclass

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from captioner import Captioner
-from captioner.data import load_captions
+from captioner.data.annotations import load_captions
 from captioner.metrics import score_captions
-from captioner.model import BUNDLED_MODEL
+from captioner.models.captioner import BUNDLED_MODEL
 from conftest import ROOT
 
 EXAMPLES = ROOT / "assets" / "examples"

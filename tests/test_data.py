@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from captioner.data import encode_captions, load_captions
+from captioner.data.annotations import encode_captions, load_captions
 from captioner.errors import DataError
-from captioner.vocab import END_ID, START_ID, Vocabulary
+from captioner.data.vocab import END_ID, START_ID, Vocabulary
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_all_problems_reported_together_and_skip_invalid(folder):
 
 
 def test_encode_captions_pads_and_truncates():
-    from captioner.data import ImageCaptions
+    from captioner.data.annotations import ImageCaptions
     from pathlib import Path
 
     vocab = Vocabulary.build(["one two three four five"], min_count=1)

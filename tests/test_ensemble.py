@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from captioner import Captioner
 from captioner.cli import main
-from captioner.decoder import MAX_MEMBERS, Decoder, DecoderConfig, DecoderEnsemble, join_decoders
-from captioner.decoding import GenerationConfig, beam_search
+from captioner.models.decoder import MAX_MEMBERS, Decoder, DecoderConfig, DecoderEnsemble, join_decoders
+from captioner.generation.config import GenerationConfig
+from captioner.generation.search import beam_search
 from captioner.errors import CheckpointError, ConfigError
-from captioner.vocab import END_ID, START_ID, Vocabulary
+from captioner.data.vocab import END_ID, START_ID, Vocabulary
 
 
 def other_member(model: Captioner, seed: int) -> Captioner:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.encoder import Encoder
-from captioner.features import FeatureCache, extract_features
+from captioner.models.encoder import Encoder
+from captioner.train.features import FeatureCache, extract_features
 
 
 @pytest.fixture
@@ -64,8 +64,8 @@ def test_other_encoder_weights_or_preprocessing_use_another_cache(tmp_path, enco
 
 
 def test_views_are_mirrors_and_crops_of_the_centre_view(images, encoder):
-    from captioner.encoder import VIEWS
-    from captioner.images import load_image
+    from captioner.models.preprocessing import VIEWS
+    from captioner.data.images import load_image
 
     image = load_image(images[0]).resize((320, 256))  # symmetric centre crop after the resize to 256
     image.paste((0, 0, 0), (0, 0, 160, 256))  # left half black, right half red

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from captioner import Captioner, CaptionerError, CheckpointError, ConfigError, GenerationConfig, ImageError
 from captioner.cli import main
-from captioner.images import load_image
+from captioner.data.images import load_image
 from conftest import IN_CI, ROOT, need
 
 PEAK_LIMIT_MB = 2500  # the bundled model captions a photo at about 0.9 GB peak
@@ -97,7 +97,7 @@ def test_unreadable_and_overlong_paths_are_image_errors(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("captioner.images.open", refuse, raising=False)
+    monkeypatch.setattr("captioner.data.images.open", refuse, raising=False)
     with pytest.raises(ImageError, match="locked.png: cannot read \\(Permission denied\\)"):
         load_image(photo)
 
@@ -126,7 +126,7 @@ def test_thin_images_are_cropped_before_resizing(tiny_model, tmp_path, monkeypat
     pixels out are those of the explicitly centre-cropped image."""
     from dataclasses import replace
 
-    from captioner.encoder import MAX_ASPECT_RATIO
+    from captioner.models.preprocessing import MAX_ASPECT_RATIO
 
     path = tmp_path / "thin.png"
     thin_ramp(size).save(path)
@@ -275,8 +275,8 @@ CRAFTED_CONFIGS = [
 @pytest.mark.parametrize("change, message", CRAFTED_CONFIGS, ids=[m for _, m in CRAFTED_CONFIGS])
 def test_crafted_config_is_refused_before_anything_is_built(copy, monkeypatch, change, message):
     edit_config(copy, change)
-    monkeypatch.setattr("captioner.model.Decoder", lambda *a, **k: pytest.fail("built a decoder from a bad config"))
-    monkeypatch.setattr("captioner.model.Encoder", lambda *a, **k: pytest.fail("built an encoder from a bad config"))
+    monkeypatch.setattr("captioner.models.captioner.Decoder", lambda *a, **k: pytest.fail("built a decoder from a bad config"))
+    monkeypatch.setattr("captioner.models.captioner.Encoder", lambda *a, **k: pytest.fail("built an encoder from a bad config"))
     with pytest.raises(CheckpointError, match=message) as error:
         Captioner.from_pretrained(copy, device="cpu")
     assert "\n" not in str(error.value)
@@ -498,7 +498,7 @@ def test_files_from_a_device_is_refused_unread():
     """/dev/zero as the list once grew to 2.8 GB before being refused; now it is refused before any read."""
     peak = peak_memory_mb(
         "from captioner import ConfigError\n"
-        "from captioner.bulk import read_file_list\n"
+        "from captioner.serve.inputs import read_file_list\n"
         "try:\n"
         "    read_file_list('/dev/zero')\n"
         "except ConfigError as error:\n"
@@ -555,7 +555,7 @@ RESULT = {"metrics": {"BLEU-4": 0.25, "images": 2, "engine": "torch"},
 
 
 def test_evaluate_creates_missing_folders_and_writes_whole_files(evaluate_in_process, tmp_path, monkeypatch):
-    monkeypatch.setattr("captioner.evaluation.evaluate", lambda *args, **kwargs: RESULT)
+    monkeypatch.setattr("captioner.serve.evaluation.evaluate", lambda *args, **kwargs: RESULT)
     out, predictions = tmp_path / "new" / "deeper" / "metrics.json", tmp_path / "other" / "predictions.json"
     code, stdout, err = evaluate_in_process("--out", str(out), "--predictions", str(predictions))
     assert (code, err) == (0, "") and "BLEU-4  0.2500" in stdout
@@ -565,7 +565,7 @@ def test_evaluate_creates_missing_folders_and_writes_whole_files(evaluate_in_pro
 
 
 def test_evaluate_write_failure_is_one_line_and_keeps_the_previous_file(evaluate_in_process, tmp_path, monkeypatch):
-    monkeypatch.setattr("captioner.evaluation.evaluate", lambda *args, **kwargs: RESULT)
+    monkeypatch.setattr("captioner.serve.evaluation.evaluate", lambda *args, **kwargs: RESULT)
     out = tmp_path / "metrics.json"
     out.write_text('{"BLEU-4": 0.1}\n')
 

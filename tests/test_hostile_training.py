@@ -22,14 +22,14 @@ from safetensors.torch import save_file
 
 from captioner import checkpoint
 from captioner.checkpoint import atomic_directory
-from captioner.data import load_captions
+from captioner.data.annotations import load_captions
 from captioner.distributed import Distributed
-from captioner.encoder import Encoder
+from captioner.models.encoder import Encoder
 from captioner.errors import CheckpointError, ConfigError, DataError, OutputError
-from captioner.features import FeatureCache, extract_features
-from captioner.run_folder import claim_output
-from captioner.train_config import TrainConfig
-from captioner.training import train
+from captioner.train.features import FeatureCache, extract_features
+from captioner.train.run_folder import claim_output
+from captioner.train.config import TrainConfig
+from captioner.train.trainer import train
 from conftest import ROOT, need, synthetic_config
 
 pytestmark = pytest.mark.slow  # trains models and runs subprocesses
@@ -149,11 +149,11 @@ def test_only_temporaries_of_dead_writers_are_cleaned(tmp_path):
 SLOW_EXTRACTION = """
 import sys, time
 import torch
-import captioner.features as features
-from captioner.encoder import Encoder
+import captioner.train.features as features
+from captioner.models.encoder import Encoder
 
 pixels = Encoder.pixels
-Encoder.pixels = lambda self, *args: (time.sleep(0.1), pixels(self, *args))[1]
+Encoder.pixels = lambda self, *args, **kwargs: (time.sleep(0.1), pixels(self, *args, **kwargs))[1]
 torch.manual_seed(0)
 encoder = Encoder.pretrained("resnet18", "none")
 features.FeatureCache(sys.argv[1], encoder).get(sys.argv[2:], batch_size=4, progress=False, flush_every=8)
@@ -492,7 +492,7 @@ def test_annotation_files_python_cannot_parse(annotations, content, message):
 
 
 def test_annotation_file_size_is_bounded_before_reading(annotations, monkeypatch):
-    import captioner.data as data
+    import captioner.data.annotations as data
 
     monkeypatch.setattr(data, "MAX_ANNOTATION_BYTES", 100)
     path = _coco(annotations, {"file_name": "b.jpg"})
@@ -577,7 +577,7 @@ def test_corrupt_part_file_is_ignored_and_removed(few, tmp_path, caplog):
 
 
 def test_unwritable_feature_cache_is_an_output_error(few, tmp_path, monkeypatch):
-    import captioner.features as features
+    import captioner.train.features as features
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

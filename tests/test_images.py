@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from captioner.errors import ImageError
-from captioner.images import MAX_IMAGE_PIXELS, describe, load_image
+from captioner.data.images import MAX_IMAGE_PIXELS, describe, load_image
 from synthetic import png_header
 
 

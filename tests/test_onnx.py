@@ -13,15 +13,15 @@ import onnx
 import pytest
 import torch
 
-from captioner import Captioner, onnx_engine
+from captioner import Captioner
+from captioner.models import onnx_engine
 from captioner.cli import main
-from captioner.data import load_captions
+from captioner.data.annotations import load_captions
 from captioner.errors import CheckpointError, ConfigError, OutputError
-from captioner.evaluation import evaluate
-from captioner.model import BUNDLED_MODEL
-from captioner.onnx_engine import (DECODER_INIT_ONNX, DECODER_STEP_ONNX, ENCODER_ONNX, FINGERPRINT_KEY, ONNX_FILES,
-                                   weights_fingerprint)
-from captioner.vocab import START_ID
+from captioner.serve.evaluation import evaluate
+from captioner.models.captioner import BUNDLED_MODEL
+from captioner.models.onnx_engine import DECODER_INIT_ONNX, DECODER_STEP_ONNX, ENCODER_ONNX, FINGERPRINT_KEY, ONNX_FILES, weights_fingerprint
+from captioner.data.vocab import START_ID
 from conftest import need
 
 
@@ -90,6 +90,22 @@ def test_a_copy_runs_on_pytorch_with_its_own_weights(engines, test_images):
     assert engines[1].caption(test_images[:3]) == engines[0].caption(test_images[:3])
 
 
+def test_a_model_moved_off_the_cpu_runs_on_pytorch_there(exported):
+    """The sessions run on the CPU only: ``to(device)`` must take encode and generate along (the meta device
+    stands in for a GPU here; where CUDA exists, it is tried too)."""
+    devices = ["meta", *(["cuda"] if torch.cuda.is_available() else [])]
+    for device in devices:
+        model = Captioner.from_pretrained(exported, device="cpu", engine="onnx")
+        assert model.engine == "onnx"
+        model.to(device)
+        assert model.engine == "torch"
+        pixels = torch.zeros((2, 3, 224, 224), device=device)
+        features = model.encode_pixels(pixels)
+        assert features.device.type == torch.device(device).type and features.shape == (2, model.encoder.config.feature_size)
+        if device == "cuda":
+            assert model.to("cpu").engine == "onnx"
+
+
 def test_sessions_compute_on_the_threads_asked_for(exported):
     default = Captioner.from_pretrained(exported, device="cpu", engine="onnx")
     one = Captioner.from_pretrained(exported, device="cpu", engine="onnx", num_threads=1)
@@ -148,7 +164,7 @@ def test_cli_and_evaluate_take_an_engine(exported, synthetic, test_images, capsy
 
 
 def test_demo_timing_names_the_engine(engines, test_images):
-    from captioner.webapp import caption_photo
+    from captioner.serve.webapp import caption_photo
 
     for model, name in zip(engines, ("PyTorch", "ONNX Runtime")):
         assert name in caption_photo(model, str(test_images[0])).timing

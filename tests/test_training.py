@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from captioner import Captioner
-from captioner.data import load_captions
-from captioner.decoder import Decoder, DecoderConfig
-from captioner.scst import dropout_off
-from captioner.training import train
+from captioner.data.annotations import load_captions
+from captioner.models.decoder import Decoder, DecoderConfig
+from captioner.train.scst import dropout_off
+from captioner.train.trainer import train
 from conftest import ROOT, synthetic_config
 
 # Tests that train a model or start a process are marked slow one by one: `pytest -m "not slow"` skips them.
@@ -165,7 +165,7 @@ def test_scheduled_sampling_label_smoothing_and_encoder_finetuning_train(synthet
     assert (best / "encoder.safetensors").is_file()
     assert json.loads((best / "config.json").read_text())["encoder"]["weights"] == "checkpoint"
     torch.manual_seed(0)
-    from captioner.encoder import Encoder
+    from captioner.models.encoder import Encoder
 
     initial = Encoder.pretrained("resnet18", "none").backbone.state_dict()["conv1.weight"]
     assert not torch.equal(load_file(str(best / "encoder.safetensors"))["conv1.weight"], initial)
@@ -182,7 +182,7 @@ def test_scst_with_greedy_baseline_runs(synthetic, feature_cache, tmp_path):
 
 @pytest.mark.slow
 def test_augmented_views_train_and_validate_on_the_centre_view(synthetic, feature_cache, tmp_path):
-    from captioner.training import Trainer
+    from captioner.train.trainer import Trainer
 
     config = synthetic_config(synthetic, tmp_path / "augment", feature_cache, encoder="resnet18",
                               encoder_weights="none", epochs=1, augment="flip")

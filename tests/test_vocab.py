@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from captioner.errors import CheckpointError
-from captioner.vocab import END_ID, PAD_ID, SPECIAL_TOKENS, START_ID, UNK_ID, Vocabulary, detokenize, pad, tokenize
+from captioner.data.vocab import END_ID, PAD_ID, SPECIAL_TOKENS, START_ID, UNK_ID, Vocabulary, detokenize, pad, tokenize
 
 
 def test_tokenize_lowercases_and_drops_punctuation():
@@ -51,7 +51,7 @@ def test_load_rejects_invalid_files(tmp_path, content):
 
 def test_oversized_file_is_one_error_not_wrapped_twice(tmp_path, monkeypatch):
     """The size error is the reader's own CheckpointError line, not re-wrapped as "not a valid vocabulary file"."""
-    monkeypatch.setattr("captioner.vocab.MAX_VOCAB_FILE_BYTES", 10)
+    monkeypatch.setattr("captioner.data.vocab.MAX_VOCAB_FILE_BYTES", 10)
     Vocabulary.build(["a dog runs fast"], min_count=1).save(tmp_path / "vocab.json")
     with pytest.raises(CheckpointError) as error:
         Vocabulary.load(tmp_path / "vocab.json")

@@ -7,13 +7,15 @@ decoder's and decoding's options take their defaults and bounds from their own d
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from .bounds import check_fields, from_dict, option, option_like
-from .decoder import DecoderConfig
-from .decoding import GenerationConfig
-from .encoder import BACKBONES, DEFAULT_ENCODER, VIEWS
-from .errors import ConfigError
-from .runtime import cache_dir
+from ..bounds import check_fields, from_dict, option, option_like
+from ..errors import ConfigError
+from ..generation.config import GenerationConfig
+from ..models.decoder import DecoderConfig
+from ..models.preprocessing import VIEWS
+from ..models.weights import BACKBONES, DEFAULT_ENCODER
+from ..runtime import cache_dir
 
 AUGMENTATIONS = {"none": ("center",), "flip": ("center", "flip"), "tencrop": VIEWS}
 
@@ -103,3 +105,18 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
         return from_dict(cls, {key.replace("-", "_"): value for key, value in data.items()}, "option", source)
+
+
+def run_options(flags: dict, file: dict | None = None, saved: dict | None = None,
+                file_name: str = "config file") -> TrainConfig:
+    """A run's options, each taken from the first place that gives it: the command-line ``flags``, the
+    ``--config`` ``file`` (named ``file_name`` in errors), the options ``saved`` by the run being resumed,
+    the defaults. The file is checked on its own first, so an unknown option in it is named by its file."""
+    file = file or {}
+    TrainConfig.from_dict(file, file_name)
+    return TrainConfig.from_dict({**(saved or {}), **file, **flags})
+
+
+def resume_folder(flags: dict, file: dict | None = None) -> Path:
+    """The run folder ``--resume`` continues: ``out`` from the flags, else from the config file, else the default."""
+    return Path(flags.get("out") or (file or {}).get("out") or TrainConfig.out)

@@ -38,12 +38,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint
-from .decoder import Decoder, DecoderConfig, DecoderEnsemble, State, average_probabilities, lstm_cell
+from .. import checkpoint
+from ..data.vocab import START_ID
+from ..errors import CheckpointError, ConfigError
+from ..generation.search import State
+from ..runtime import cache_dir
+from .decoder import (
+    Decoder,
+    DecoderConfig,
+    DecoderEnsemble,
+    average_probabilities,
+    lstm_cell,
+)
 from .encoder import Encoder, EncoderConfig
-from .errors import CheckpointError, ConfigError
-from .runtime import cache_dir
-from .vocab import START_ID
+
+log = logging.getLogger(__name__)
 
 ONNX_FILES = checkpoint.GRAPH_FILES
 ENCODER_ONNX, DECODER_INIT_ONNX, DECODER_STEP_ONNX = ONNX_FILES
@@ -55,7 +64,6 @@ OPSET = 17
 TOLERANCE = 1e-3  # export check: largest difference allowed between PyTorch's and ONNX Runtime's outputs
 MAX_GRAPH_BYTES = 2 << 30  # protobuf's own limit for one model
 MAX_CACHE_BYTES = 4 << 30  # the graph cache; the least recently used models go first
-log = logging.getLogger(__name__)
 _EXPORTING = threading.Lock()  # torch.onnx.export keeps global state: one export at a time in a process
 
 class OnnxEncoder:

@@ -16,28 +16,19 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .bounds import check_fields, option
-from .errors import ConfigError
-from .vocab import PAD_ID
+from ..bounds import check_fields, option
+from ..data.vocab import PAD_ID
+from ..errors import ConfigError
+from ..generation.search import State, next_log_probs
 
 # Up to this many rows per step, CPU inference runs the LSTM's equations written out (see step()).
 SMALL_STEP_ROWS = 32
-State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (num_layers, N, hidden_size)
-
-
-class StepDecoder(Protocol):
-    """What decoding needs of a decoder: :class:`Decoder`, :class:`DecoderEnsemble`, or ONNX Runtime's (``onnx_engine``)."""
-
-    def init_state(self, features: torch.Tensor) -> State: ...
-
-    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]: ...
 
 
 MAX_VOCAB_SIZE = 1_000_000
@@ -228,3 +219,12 @@ class DecoderEnsemble(nn.Module):
         """Teacher-forced log-probabilities for ``tokens[:, 1:]`` (scoring; ensembles are not trained as one)."""
         return average_probabilities([F.log_softmax(member(features, tokens, lengths).float(), -1)
                                       for member in self.decoders()])
+
+
+def sequence_log_probs(decoder: Decoder | DecoderEnsemble, features: torch.Tensor, tokens: torch.Tensor,
+                       lengths: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced log-likelihood of each caption (words plus ``<end>``): ``(B,)``."""
+    logits = decoder(features, tokens, lengths)
+    log_probs = next_log_probs(logits).gather(2, tokens[:, 1:, None])[:, :, 0]
+    mask = tokens[:, 1:] != PAD_ID
+    return (log_probs * mask).sum(1)

@@ -17,11 +17,11 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from . import checkpoint
-from .bounds import field_types
-from .distributed import Distributed
-from .errors import CheckpointError, ConfigError
-from .train_config import TrainConfig
+from .. import checkpoint
+from ..bounds import field_types
+from ..distributed import Distributed
+from ..errors import CheckpointError, ConfigError
+from .config import TrainConfig
 
 TRAINER_FILE, STATE_FILE = checkpoint.TRAINER_FILE, checkpoint.STATE_FILE
 

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import check_writable
-from .distributed import Distributed
-from .errors import OutputError
-from .runtime import cache_dir
-from .train_config import TrainConfig
+from ..checkpoint import check_writable
+from ..distributed import Distributed
+from ..errors import OutputError
+from ..runtime import cache_dir
+from .config import TrainConfig
 
 LOG_FILE, PLOT_FILE, LOCK_FILE = "log.jsonl", "training.png", ".lock"
 

@@ -17,15 +17,27 @@ from typing import Union
 import torch
 from torch import nn
 
-from . import checkpoint, onnx_engine
-from .decoder import Decoder, DecoderConfig, DecoderEnsemble, build_decoder, join_decoders
-from .decoding import Caption, GenerationConfig, generate, sequence_log_probs, to_captions
-from .bounds import check_object, check_value, from_dict
-from .encoder import Encoder, EncoderConfig, fetch_pretrained, resolve_weights
-from .errors import CheckpointError, ConfigError
-from .images import ImageInput
-from .runtime import BUNDLED_MODEL, pick_device
-from .vocab import END_ID, START_ID, Vocabulary, pad
+from .. import checkpoint
+from ..bounds import check_object, check_value, from_dict
+from ..data.images import ImageInput
+from ..data.vocab import END_ID, START_ID, Vocabulary, pad
+from ..errors import CheckpointError, ConfigError
+from ..generation.config import GenerationConfig
+from ..generation.search import Caption, generate, to_captions
+from ..runtime import BUNDLED_MODEL, pick_device
+from . import onnx_engine
+from .decoder import (
+    Decoder,
+    DecoderConfig,
+    DecoderEnsemble,
+    build_decoder,
+    join_decoders,
+    sequence_log_probs,
+)
+from .encoder import Encoder, EncoderConfig
+from .weights import fetch_pretrained, resolve_weights
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 Inputs = Union[ImageInput, Sequence[ImageInput], torch.Tensor]
@@ -34,7 +46,6 @@ Inputs = Union[ImageInput, Sequence[ImageInput], torch.Tensor]
 MAX_BATCH_SIZE = 4096  # images decoded together; bounds the memory of one step
 LOAD_CHUNK = 64  # images held as pixels at once by encode()
 MAX_THREADS = 1024
-log = logging.getLogger(__name__)
 
 
 def check_batch_size(batch_size: object) -> int:
@@ -100,7 +111,12 @@ class Captioner(nn.Module):
     @property
     def engine(self) -> str:
         """``"onnx"`` or ``"torch"``: what runs ``encode`` and ``generate`` (``score`` always runs on PyTorch)."""
-        return "torch" if self.onnx_runtime is None else "onnx"
+        return "torch" if self._onnx() is None else "onnx"
+
+    def _onnx(self) -> onnx_engine.OnnxRuntime | None:
+        """The ONNX Runtime sessions while the weights are on the CPU they run on: moved to a GPU (``to("cuda")``),
+        the model runs on PyTorch there, and back on the CPU it runs on the sessions again."""
+        return self.onnx_runtime if self.onnx_runtime is not None and self.device.type == "cpu" else None
 
     @property
     def device(self) -> torch.device:
@@ -113,11 +129,11 @@ class Captioner(nn.Module):
                         num_threads: int | None = None) -> "Captioner":
         """Load a checkpoint directory; with no ``path``, the bundled model in ``assets/model``.
 
-        Pretrained encoder weights are resolved as in training (see :mod:`captioner.encoder`) unless
+        Pretrained encoder weights are resolved as in training (see :func:`captioner.models.weights.resolve_weights`) unless
         the checkpoint carries its own (fine-tuned or user-supplied); ``encoder_weights`` overrides.
         ``engine``: ``"torch"``, ``"onnx"`` (ONNX Runtime on the CPU) or ``"auto"`` (ONNX Runtime when on
         the CPU and onnxruntime is installed). The ONNX engine runs graphs it exports itself from the loaded
-        weights (cached per user, see :mod:`captioner.onnx_engine`), never graph files found in ``path``.
+        weights (cached per user, see :mod:`captioner.models.onnx_engine`), never graph files found in ``path``.
         ``num_threads``: CPU threads of each ONNX Runtime session (default: PyTorch's count); bulk captioning
         runs two stages at once, each on half the cores (:func:`captioner.runtime.stage_threads`).
         """
@@ -231,7 +247,8 @@ class Captioner(nn.Module):
         if batch_size is None:
             batch_size = 1 if self.device.type == "cpu" else 32
         batch_size = check_batch_size(batch_size)
-        encoder = self.encoder if self.onnx_runtime is None else self.onnx_runtime.encoder
+        runtime = self._onnx()
+        encoder = self.encoder if runtime is None else runtime.encoder
         chunks = [torch.empty((0, self.encoder.config.feature_size), device=self.device)]
         for start in range(0, len(pixels), batch_size):
             chunks.append(encoder(pixels[start:start + batch_size].to(self.device)))
@@ -250,7 +267,8 @@ class Captioner(nn.Module):
         if options:
             config = config.updated(**options)
         batch_size = check_batch_size(batch_size)
-        decoder = self.decoder if self.onnx_runtime is None else self.onnx_runtime.decoder
+        runtime = self._onnx()
+        decoder = self.decoder if runtime is None else runtime.decoder
         results: list[list[Caption]] = []
         for features in self._feature_batches(inputs, batch_size):
             results.extend(to_captions(generate(decoder, features, config), self.vocab))

@@ -1,6 +1,6 @@
 """Training: the loop of one run, from annotations to ``best/``; nanoGPT-plain, top to bottom as the run goes.
 
-1. load and validate the annotations, build the vocabulary (options: :mod:`.train_config`);
+1. load and validate the annotations, build the vocabulary (options: :mod:`.config`);
 2. encode every image once through the feature cache (or, with ``finetune_encoder``, run the CNN
    per batch and train it too, at a lower learning rate);
 3. train with cross-entropy and teacher forcing (Adam, gradient-norm clipping, dropout, label
@@ -13,7 +13,7 @@
    (``scst_baseline="greedy"``: that of the greedy caption).
 Every epoch rewrites ``log.jsonl`` and ``training.png`` (:mod:`.run_folder`, which also claims
 ``--out`` before any work); ``last/`` carries the optimizer, scheduler and random-number state
-(:mod:`.train_state`), so ``resume`` continues exactly where the last complete epoch ended.
+(:mod:`.state`), so ``resume`` continues exactly where the last complete epoch ended.
 """
 
 from __future__ import annotations
@@ -33,21 +33,23 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from . import checkpoint, train_state
-from .data import ImageCaptions, encode_captions, load_captions
-from .decoder import Decoder, DecoderConfig
-from .distributed import Distributed
-from .encoder import Encoder, EncoderWeights
-from .errors import CheckpointError, ConfigError, DataError, OutputError
+from .. import checkpoint
+from ..data.annotations import ImageCaptions, encode_captions, load_captions
+from ..data.vocab import PAD_ID, Vocabulary
+from ..distributed import Distributed
+from ..errors import CheckpointError, ConfigError, DataError, OutputError
+from ..metrics import FAST_METRICS, score_captions
+from ..models.captioner import Captioner
+from ..models.decoder import Decoder, DecoderConfig
+from ..models.encoder import Encoder
+from ..models.weights import EncoderWeights
+from ..runtime import cache_dir
+from . import state as train_state
+from .config import AUGMENTATIONS, TrainConfig
 from .features import FeatureCache, extract_features, file_digests
-from .metrics import FAST_METRICS, score_captions
-from .model import Captioner
 from .run_folder import LOG_FILE, claim_output, write_log
-from .runtime import cache_dir
 from .scst import SelfCritical, dropout_off, policy_loss
-from .train_config import AUGMENTATIONS, TrainConfig
-from .train_state import Progress
-from .vocab import PAD_ID, Vocabulary
+from .state import Progress
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,9 @@ class Trainer:
             log.info("%d training captions were cut to %d words", self.captions.truncated, config.max_caption_length)
         self.val_split = Split(*self._features(val_records))
         self.scst = SelfCritical(self.train_split.records, self.model.vocab, config) if config.scst_epochs else None
-        self.decoder, self.encoder = self._wrap(self.model.decoder), self._wrap(self.model.encoder)
+        # what training runs forward through (DistributedDataParallel, compiled); the parameters, the optimizer
+        # and what is saved belong to the unwrapped ``self.model.decoder`` and ``self.model.encoder``
+        self.wrapped_decoder, self.wrapped_encoder = self._wrap(self.model.decoder), self._wrap(self.model.encoder)
         self.optimizer, self.scheduler = self._optimizer("xe")
         if resume:
             restored = train_state.restore(last, config, self.dist, self._optimizer)
@@ -194,29 +198,38 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- epochs
     def run(self, stop_after_epoch: int | None = None) -> Path:
-        """Train to the end (or until ``stop_after_epoch`` epochs are complete); return ``best/``."""
+        """Train to the end (or until ``stop_after_epoch`` epochs are complete); return ``best/``.
+
+        The phases run in order, each until its last epoch or until its patience is spent: cross-entropy
+        epochs ``[0, epochs)``, then self-critical ones ``[epochs, epochs + scst_epochs)`` from the best
+        cross-entropy checkpoint. A resumed run starts in the phase it was in."""
         config, progress = self.config, self.progress
-        total = config.epochs + config.scst_epochs
-        if progress.epoch >= total or (self._patience_spent() and (progress.phase == "scst" or not config.scst_epochs)):
+        phases = [("xe", config.epochs), ("scst", config.epochs + config.scst_epochs)][:2 if config.scst_epochs else 1]
+        if progress.phase == "scst":
+            phases = phases[1:]
+        if progress.epoch >= phases[-1][1] or (len(phases) == 1 and self._patience_spent()):
             log.info("this run is already finished (%d epochs done); nothing to resume", progress.epoch)
-        while progress.epoch < total:
-            if progress.phase == "xe" and (progress.epoch >= config.epochs or self._patience_spent()):
-                if self._patience_spent():
-                    self._say_stopped_early()
-                if not config.scst_epochs:
-                    break
+            phases = []
+        for phase, last_epoch in phases:
+            if phase != progress.phase:
                 self._start_scst()
-            if progress.phase == "scst" and self._patience_spent():
+            while progress.epoch < last_epoch and not self._patience_spent():
+                self._epoch()
+                if stop_after_epoch is not None and progress.epoch >= stop_after_epoch:
+                    return self._best()
+            if self._patience_spent():
                 self._say_stopped_early()
-                break
-            started = time.time()
-            loss = self._scst_epoch() if progress.phase == "scst" else self._xe_epoch()
-            scores = self.dist.broadcast(self.validate() if self.dist.is_main else None)
-            self._end_epoch(loss, scores, time.time() - started)
-            if stop_after_epoch is not None and progress.epoch >= stop_after_epoch:
-                break
-        log.info("best %s %.4f at epoch %d: %s", config.select_metric, progress.best_score, progress.best_epoch,
-                 self.out / "best")
+        return self._best()
+
+    def _epoch(self) -> None:
+        started = time.time()
+        loss = self._scst_epoch() if self.progress.phase == "scst" else self._xe_epoch()
+        scores = self.dist.broadcast(self.validate() if self.dist.is_main else None)
+        self._end_epoch(loss, scores, time.time() - started)
+
+    def _best(self) -> Path:
+        log.info("best %s %.4f at epoch %d: %s", self.config.select_metric, self.progress.best_score,
+                 self.progress.best_epoch, self.out / "best")
         return self.out / "best"
 
     def _patience_spent(self) -> bool:
@@ -261,7 +274,7 @@ class Trainer:
         records = self.train_split.records
         pixels = torch.stack([self.model.encoder.pixels(records[i].path) for i in image_rows.tolist()])
         layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-        return self.encoder(pixels.to(self.device, memory_format=layout))
+        return self.wrapped_encoder(pixels.to(self.device, memory_format=layout))
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
@@ -296,7 +309,7 @@ class Trainer:
             tokens_in_batch = self.dist.all_sum(float(len(targets)))
             with self._autocast():
                 features = self._features_for(captions.image_index[rows])
-                logits = self.decoder(features, tokens, lengths, ss_prob, valid_only=True)
+                logits = self.wrapped_decoder(features, tokens, lengths, ss_prob, valid_only=True)
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.config.label_smoothing,
                                    reduction="sum")
             self._step(loss * self.dist.world_size / tokens_in_batch)  # DDP averages gradients over ranks
@@ -318,7 +331,7 @@ class Trainer:
             lengths = (tokens != PAD_ID).sum(1)
             with self._autocast(), dropout_off(self.model.decoder):
                 repeated = features.repeat_interleave(self.scst.samples, 0)
-                logits = self.decoder(repeated, tokens, lengths, valid_only=True)
+                logits = self.wrapped_decoder(repeated, tokens, lengths, valid_only=True)
             self._step(policy_loss(logits, tokens, advantage.to(self.device)))
             total, count = total + reward, count + 1
         return -self.dist.all_sum(total / max(1, count)) / self.dist.world_size  # logged: minus mean CIDEr-D

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import ImageCaptions
-from .decoder import StepDecoder
-from .decoding import GenerationConfig, sample_or_greedy
-from .metrics import CiderD
-from .train_config import TrainConfig
-from .vocab import END, PAD_ID, START_ID, Vocabulary, tokenize
+from ..data.annotations import ImageCaptions
+from ..data.vocab import END, PAD_ID, START_ID, Vocabulary, tokenize
+from ..generation.config import GenerationConfig
+from ..generation.search import StepDecoder, sample_or_greedy
+from ..metrics import CiderD
+from .config import TrainConfig
 
 
 class SelfCritical:

@@ -18,19 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+log = logging.getLogger(__name__)
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 from gradio.exceptions import ComponentProcessingError  # noqa: E402
 
-from .errors import CaptionerError, ConfigError  # noqa: E402
-from .model import Captioner  # noqa: E402
-from .onnx_engine import ENGINE_NAMES  # noqa: E402
-from .runtime import ASSETS, EXAMPLES_DIR  # noqa: E402
-
-
-log = logging.getLogger(__name__)
+from ..errors import CaptionerError, ConfigError  # noqa: E402
+from ..models.captioner import Captioner  # noqa: E402
+from ..models.onnx_engine import ENGINE_NAMES  # noqa: E402
+from ..runtime import ASSETS, EXAMPLES_DIR  # noqa: E402
 
 MAX_FILE_SIZE = "20mb"
 CONCURRENCY_LIMIT = 2  # requests decoded at once; the rest wait in the queue

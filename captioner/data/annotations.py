@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import os
 import reprlib
-from typing import TypeGuard
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeGuard
 
 import torch
 
-from .bounds import read_json
-from .errors import DataError
+from ..bounds import read_json
+from ..errors import DataError
 from .vocab import END_ID, START_ID, Vocabulary, pad, tokenize
 
 MAX_EXAMPLES = 3

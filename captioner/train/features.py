@@ -13,23 +13,24 @@ and rows that are not finite, are ignored with a warning and encoded again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpoint import remove_dead_writers, save_tensors
-from .distributed import Distributed
-from .encoder import Encoder
-from .errors import ImageError, LoaderError, OutputError
+from ..checkpoint import remove_dead_writers, save_tensors
+from ..data.loader import image_batches
+from ..distributed import Distributed
+from ..errors import ImageError, OutputError
+from ..models.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -75,61 +76,6 @@ def file_digests(paths: Sequence[str | Path], progress: bool = True) -> list[str
     return [file_digest(p) for p in tqdm(paths, desc="hashing images", disable=not progress, leave=False)]
 
 
-class _ImageFiles(Dataset):
-    def __init__(self, paths: Sequence[str | Path], encoder: Encoder, view: str):
-        self.paths, self.encoder, self.view = list(paths), encoder, view
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
-        """The preprocessed image, or why it cannot be read: one bad file must not fail its whole batch."""
-        try:
-            return index, self.encoder.pixels(self.paths[index], self.view)
-        except ImageError as exc:
-            return index, str(exc)
-
-
-class ImageBatch(NamedTuple):
-    indices: list[int]  # positions in the paths of the images in ``pixels``
-    pixels: torch.Tensor | None  # (len(indices), 3, H, W), None when no image of the batch could be read
-    failures: dict[int, str]  # position in the paths -> why that image cannot be read
-
-
-def _collate(items: list[tuple[int, torch.Tensor | str]]) -> ImageBatch:
-    images = [(index, item) for index, item in items if not isinstance(item, str)]
-    failures = {index: item for index, item in items if isinstance(item, str)}
-    return ImageBatch([index for index, _ in images], torch.stack([item for _, item in images]) if images else None,
-                      failures)
-
-
-def image_batches(encoder: Encoder, paths: Sequence[str | Path], batch_size: int, num_workers: int = 0,
-                  view: str = "center", pin_memory: bool = False) -> DataLoader:
-    """Batches (:class:`ImageBatch`) of ``batch_size`` of ``paths``, in order, loaded and preprocessed by
-    ``Encoder.pixels`` in ``num_workers`` worker processes with prefetch (0: in this process).
-
-    The one image loader of feature extraction, bulk captioning and evaluation; unreadable files are listed
-    in each batch's ``failures``, never raised, so one bad file does not stop the others. A single batch is
-    loaded in this process: workers would only add their start-up to it."""
-    return DataLoader(_ImageFiles(paths, encoder, view), batch_size=batch_size,
-                      num_workers=num_workers if len(paths) > batch_size else 0, pin_memory=pin_memory,
-                      collate_fn=_collate)
-
-
-@contextlib.contextmanager
-def loader_deaths(hint: str) -> Iterator[None]:
-    """Turn PyTorch's ``RuntimeError`` for a loader worker that died (killed by hand or by the out-of-memory
-    killer) into a one-line :class:`LoaderError` ending in ``hint``. PyTorch raises it from a SIGCHLD handler,
-    so anywhere in this thread while the loader runs: put the whole loop over the batches inside."""
-    try:
-        yield
-    except RuntimeError as exc:
-        if not str(exc).startswith("DataLoader worker (pid"):
-            raise
-        raise LoaderError(f"an image loading process died ({str(exc).split('. ')[0].removeprefix('DataLoader ')}); "
-                          f"{hint}") from None
-
-
 @torch.inference_mode()
 def _encode(encoder: Encoder, paths: Sequence[str | Path], batch_size: int, num_workers: int,
             device: str | torch.device, view: str, bar: tqdm) -> tuple[torch.Tensor, dict[int, str]]:
@@ -138,7 +84,8 @@ def _encode(encoder: Encoder, paths: Sequence[str | Path], batch_size: int, num_
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     encoder = encoder.to(device).to(memory_format=layout).eval()
     rows, failures = torch.zeros((len(paths), encoder.config.feature_size)), dict[int, str]()
-    for indices, pixels, failed in image_batches(encoder, paths, batch_size, num_workers, view, device.type == "cuda"):
+    for indices, pixels, failed in image_batches(functools.partial(encoder.pixels, view=view), paths, batch_size,
+                                                     num_workers, device.type == "cuda"):
         if indices:
             rows[indices] = encoder(pixels.to(device, memory_format=layout, non_blocking=True)).float().cpu()
         failures.update(failed)

@@ -17,8 +17,8 @@ import torch
 from nltk.tokenize import word_tokenize
 from nltk.tokenize.treebank import TreebankWordDetokenizer
 
-from .bounds import read_json
-from .errors import CheckpointError, ConfigError
+from ..bounds import read_json
+from ..errors import CheckpointError, ConfigError
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)

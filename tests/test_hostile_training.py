@@ -32,7 +32,6 @@ from captioner.train.config import TrainConfig
 from captioner.train.trainer import train
 from conftest import ROOT, need, synthetic_config
 
-pytestmark = pytest.mark.slow  # trains models and runs subprocesses
 
 SMALL = dict(encoder="resnet18", encoder_weights="none", epochs=1, embed_size=16, hidden_size=32, batch_size=32)
 
@@ -75,6 +74,7 @@ def train_images(synthetic, count: int) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------ 1. losing work
+@pytest.mark.slow  # trains a model or runs subprocesses
 def test_second_training_on_the_same_out_fails_fast_naming_the_first(synthetic, feature_cache, tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "train.py", *cli_args(synthetic, out, feature_cache, "--epochs", "500")],
@@ -113,6 +113,7 @@ for i in range(25):
 """
 
 
+@pytest.mark.slow  # trains a model or runs subprocesses
 def test_concurrent_saves_to_one_path_all_succeed_and_the_last_wins(tmp_path):
     target, go = tmp_path / "best", tmp_path / "go"
     writers = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(target), str(go)], cwd=ROOT,
@@ -127,6 +128,7 @@ def test_concurrent_saves_to_one_path_all_succeed_and_the_last_wins(tmp_path):
     assert not list(tmp_path.glob(".best.tmp-*")) and not list(tmp_path.glob(".best.old-*"))
 
 
+@pytest.mark.slow  # trains a model or runs subprocesses
 def test_only_temporaries_of_dead_writers_are_cleaned(tmp_path):
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -160,6 +162,7 @@ features.FeatureCache(sys.argv[1], encoder).get(sys.argv[2:], batch_size=4, prog
 """
 
 
+@pytest.mark.slow  # trains a model or runs subprocesses
 def test_extraction_killed_midway_resumes_from_its_last_flush(synthetic, tmp_path):
     cache_dir, paths = tmp_path / "cache", train_images(synthetic, 48)
     process = subprocess.Popen([sys.executable, "-c", SLOW_EXTRACTION, str(cache_dir), *map(str, paths)], cwd=ROOT,
@@ -206,6 +209,7 @@ def flawed_config(flawed, synthetic, tmp_path, cache, **overrides) -> TrainConfi
                         train_captions=str(flawed / "train.json"), val_images=str(synthetic / "images"), **overrides)
 
 
+@pytest.mark.slow  # trains a model or runs subprocesses
 def test_undecodable_images_stop_training_in_one_line_and_keep_the_rest_encoded(flawed, synthetic, tmp_path,
                                                                                 train_in_process):
     cache = tmp_path / "cache"
@@ -219,6 +223,7 @@ def test_undecodable_images_stop_training_in_one_line_and_keep_the_rest_encoded(
     assert FeatureCache(cache, random_encoder()).get(good, progress=False).encoded == 0
 
 
+@pytest.mark.slow  # trains a model or runs subprocesses
 def test_skip_invalid_trains_without_undecodable_images(flawed, synthetic, feature_cache, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="captioner")
     train(flawed_config(flawed, synthetic, tmp_path, feature_cache, skip_invalid=True))
@@ -227,6 +232,7 @@ def test_skip_invalid_trains_without_undecodable_images(flawed, synthetic, featu
     assert saved["progress"]["epoch"] == 1
 
 
+@pytest.mark.slow  # trains a model or runs subprocesses
 def test_all_images_undecodable_is_a_data_error(flawed, synthetic, feature_cache, tmp_path):
     for path in flawed.glob("images/*.png"):
         path.write_bytes(b"\x89PNG\r\n\x1a\n broken")
@@ -264,6 +270,7 @@ def test_unwritable_out_is_found_before_the_data_is_read(tmp_path, monkeypatch, 
     assert not list((tmp_path / "run").iterdir())
 
 
+@pytest.mark.slow  # trains a model or runs subprocesses
 def test_read_only_out_folder(tmp_path, synthetic):
     """A real read-only folder, through the CLI; root writes anywhere, so it drops that power first (setpriv)."""
     out = tmp_path / "run"
@@ -281,6 +288,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
+@pytest.mark.slow  # trains a model or runs subprocesses
 def test_disk_full_during_a_save_keeps_the_previous_checkpoints(synthetic, feature_cache, tmp_path, monkeypatch):
     config = small_config(synthetic, tmp_path / "run", feature_cache)
     train(config)
@@ -304,6 +312,7 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
 
+@pytest.mark.slow  # trains a model or runs subprocesses
 def test_real_write_failure_during_a_save_is_one_line_and_keeps_the_previous_checkpoints(synthetic, feature_cache,
                                                                                          tmp_path):
     out = tmp_path / "run"
@@ -402,6 +411,7 @@ def test_tampered_trainer_json_on_resume(synthetic, tmp_path, train_in_process, 
     assert_one_line_error(result, message)
 
 
+@pytest.mark.slow  # trains a model or runs subprocesses
 def test_tampered_training_state_on_resume(synthetic, feature_cache, tmp_path):
     config = small_config(synthetic, tmp_path / "run", feature_cache)
     train(config)
@@ -414,6 +424,7 @@ def test_tampered_training_state_on_resume(synthetic, feature_cache, tmp_path):
         train(config, resume=True)
 
 
+@pytest.mark.slow  # trains a model or runs subprocesses
 def test_toml_falls_back_to_tomli_before_python_3_11():
     script = ("import sys, tomllib; sys.modules['tomli'] = tomllib; sys.modules['tomllib'] = None\n"
               "import captioner.bounds as bounds; assert bounds.tomllib is sys.modules['tomli']")

@@ -38,12 +38,15 @@ def add_dataclass_options(parser: argparse._ActionsContainer, cls, defaults: dic
         if default_note:
             default = default_note + (f" ({defaults[item.name]!r} for the bundled one)" if defaults else "")
         else:
-            default = repr(item.default if item.default is not MISSING else None)
+            factory = item.default_factory
+            default = repr(item.default if item.default is not MISSING else factory() if factory is not MISSING else None)
         details = "; ".join(filter(None, [describe_bounds(item), f"default: {default}"]))
         kwargs: dict = {"default": None, "help": f"{item.metadata.get('help', '')} ({details})"}
         kind = kinds[item.name][0]  # X of X | None: an absent flag is None already
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is list:  # a repeated flag; explicit_options reads each value with the field's own parser
+            kwargs.update(action="append", metavar=item.name.upper().removesuffix("S"))
         else:
             kwargs["type"] = kind
             if "choices" in item.metadata:
@@ -54,8 +57,14 @@ def add_dataclass_options(parser: argparse._ActionsContainer, cls, defaults: dic
 
 
 def explicit_options(args: argparse.Namespace, cls) -> dict:
-    names = {item.name for item in fields(cls)}
-    return {key: value for key, value in vars(args).items() if key in names and value is not None}
+    """The options given on the command line, a repeated flag's values each read by its field's ``parse``."""
+    parsers = {item.name: item.metadata.get("parse") for item in fields(cls)}
+    options = {}
+    for key, value in vars(args).items():
+        if key in parsers and value is not None:
+            parse = parsers[key]
+            options[key] = [parse(v) for v in value] if parse is not None else value
+    return options
 
 
 MAX_CONFIG_BYTES = 1_000_000

@@ -2,14 +2,16 @@
 
 The CLI (flags, ``--config`` files, ``--resume``'s saved options) needs only this module; the
 decoder's and decoding's options take their defaults and bounds from their own dataclasses.
+A run trains on one or several :class:`Dataset` s (a captions file and its images folder each) and
+validates on one or several; ``select_set`` says which validation set's score picks ``best/``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..bounds import check_fields, from_dict, option, option_like
+from ..bounds import check_fields, check_object, from_dict, option, option_like
 from ..errors import ConfigError
 from ..generation.config import GenerationConfig
 from ..models.decoder import DecoderConfig
@@ -18,6 +20,65 @@ from ..models.weights import BACKBONES, DEFAULT_ENCODER
 from ..runtime import cache_dir
 
 AUGMENTATIONS = {"none": ("center",), "flip": ("center", "flip"), "tencrop": VIEWS}
+MAX_DATASETS = 64
+SELECT_MEAN = "mean"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One captions file (COCO or Karpathy format) and the folder of its images.
+
+    ``weight`` scales how often a training set's captions are seen per epoch: 2 shows each twice, 0.5 a
+    random half of them (drawn afresh each epoch); it lets a small set count as much as a large one."""
+
+    captions: str = option("", "COCO or Karpathy captions file")
+    images: str = option("", "folder of its images")
+    weight: float = option(1.0, "times each caption is seen per epoch", range=(0.01, 100.0))
+    name: str = option("", "name in the log (default: the captions file's folder name)")
+
+    def __post_init__(self) -> None:
+        check_fields(self, ConfigError, "dataset")
+        for name in ("captions", "images"):
+            if not getattr(self, name):
+                raise ConfigError(f"dataset {self.describe()}: {name}= is required")
+        if not self.name:
+            object.__setattr__(self, "name", Path(self.captions).resolve().parent.name or Path(self.captions).stem)
+
+    def describe(self) -> str:
+        return ",".join(f"{key}={value}" for key, value in (("captions", self.captions), ("images", self.images))
+                        if value) or "(empty)"
+
+    @classmethod
+    def parse(cls, text: str) -> dict:
+        """A flag's ``captions=FILE,images=DIR[,weight=W][,name=NAME]`` as the dict a config file would hold."""
+        values: dict = {}
+        for item in text.split(","):
+            key, equals, value = item.partition("=")
+            if not equals or key.strip() not in ("captions", "images", "weight", "name"):
+                raise ConfigError(f"dataset {text!r}: expected captions=FILE,images=DIR[,weight=W][,name=NAME], "
+                                  f"not {item!r}")
+            try:
+                values[key.strip()] = float(value) if key.strip() == "weight" else value
+            except ValueError:
+                raise ConfigError(f"dataset {text!r}: weight must be a number, not {value!r}") from None
+        return values
+
+
+def datasets(entries: object, what: str) -> list[Dataset]:
+    """Checked :class:`Dataset` s from a list of dicts (config file, ``trainer.json`` or parsed flags): at most
+    ``MAX_DATASETS``, no captions file twice, no name twice."""
+    if not isinstance(entries, list) or len(entries) > MAX_DATASETS:
+        raise ConfigError(f"{what} must be a list of at most {MAX_DATASETS} datasets")
+    found = [from_dict(Dataset, check_object(Dataset, entry, "dataset key", what), "dataset key", what)
+             for entry in entries]
+    for kind, key in (("captions file", lambda d: Path(d.captions).resolve()), ("name", lambda d: d.name)):
+        seen: set = set()
+        for dataset in found:
+            if key(dataset) in seen:
+                raise ConfigError(f"{what}: {kind} {key(dataset)} is given twice" +
+                                  (" (name the sets with name=)" if kind == "name" else ""))
+            seen.add(key(dataset))
+    return found
 
 
 @dataclass
@@ -75,6 +136,14 @@ class TrainConfig:
                            "flip (mirror image) or tencrop (corner crops and mirrors, torchvision's TenCrop)",
                            choices=tuple(AUGMENTATIONS))
     skip_invalid: bool = option(False, "train on the valid items of a flawed annotation file instead of stopping")
+    train_sets: list[dict] = field(default_factory=list, metadata={
+        "help": "a training set, captions=FILE,images=DIR[,weight=W][,name=NAME]; repeat for several (instead "
+                "of --train-captions and --images)", "parse": Dataset.parse})
+    val_sets: list[dict] = field(default_factory=list, metadata={
+        "help": "a validation set, captions=FILE,images=DIR[,name=NAME]; repeat for several (instead of "
+                "--val-captions and --val-images)", "parse": Dataset.parse})
+    select_set: str = option("", "the validation set whose select_metric picks best/: its name, or 'mean' for "
+                                 "the mean over all sets (default: the first)")
 
     # Options a resumed run may change: nothing already learnt depends on them (the run folder may move too).
     RESUMABLE = ("out", "feature_cache", "epochs", "scst_epochs", "scst_lr", "scst_samples", "scst_batch_size",
@@ -83,9 +152,10 @@ class TrainConfig:
     def validate(self) -> None:
         """Types and ranges (from each field's metadata, like every option dataclass), then combinations."""
         check_fields(self, ConfigError)
-        for name in ("images", "train_captions"):
-            if not getattr(self, name):
-                raise ConfigError(f"--{name.replace('_', '-')} is required")
+        train, val = self.datasets()
+        if self.select_set not in ("", SELECT_MEAN, *(d.name for d in val)):
+            raise ConfigError(f"select_set {self.select_set!r} is not a validation set's name "
+                              f"({', '.join(d.name for d in val)}) or {SELECT_MEAN!r}")
         if self.epochs + self.scst_epochs < 1:
             raise ConfigError("nothing to train: epochs and scst_epochs are both 0")
         if not all(0 <= v < 1 for v in (self.dropout, self.input_dropout, self.label_smoothing)) or \
@@ -98,13 +168,40 @@ class TrainConfig:
         if self.finetune_encoder and self.scst_epochs:
             raise ConfigError("--scst-epochs works from cached features; it cannot be combined with --finetune-encoder")
 
+    def datasets(self) -> tuple[list[Dataset], list[Dataset]]:
+        """The training and the validation sets: ``train_sets``/``val_sets``, or the one set each that
+        ``train_captions``, ``images``, ``val_captions`` and ``val_images`` describe (the two ways do not mix)."""
+        if self.train_sets and (self.train_captions or self.images):
+            raise ConfigError("give the training data either as train_sets or as train_captions and images, not both")
+        if self.val_sets and (self.val_captions or self.val_images):
+            raise ConfigError("give the validation data either as val_sets or as val_captions and val_images, not both")
+        if self.train_sets:
+            train = datasets(self.train_sets, "train_sets")
+        else:
+            for name in ("images", "train_captions"):
+                if not getattr(self, name):
+                    raise ConfigError(f"--{name.replace('_', '-')} is required (or --train-set)")
+            train = [Dataset(self.train_captions, self.images)]
+        if self.val_sets:
+            val = datasets(self.val_sets, "val_sets")
+        elif self.val_captions or not self.train_sets:  # a Karpathy file's own val split when no val_captions
+            val = [Dataset(self.val_captions or self.train_captions, self.val_images or self.images or train[0].images)]
+        else:
+            raise ConfigError("with train_sets, give the validation data too (val_sets or val_captions)")
+        if any(d.weight != 1.0 for d in val):
+            raise ConfigError("val_sets: weight is for training sets; every validation image counts once")
+        return train, val
+
     def generation(self) -> GenerationConfig:
         return GenerationConfig(beam_size=self.beam_size, length_penalty=self.length_penalty,
                                 max_length=self.max_length)
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
-        return from_dict(cls, {key.replace("-", "_"): value for key, value in data.items()}, "option", source)
+        config = from_dict(cls, {key.replace("-", "_"): value for key, value in data.items()}, "option", source)
+        for name in ("train_sets", "val_sets"):
+            datasets(getattr(config, name), f"{source}: {name}")
+        return config
 
 
 def run_options(flags: dict, file: dict | None = None, saved: dict | None = None,

@@ -12,8 +12,10 @@
    rewarded by its CIDEr-D minus a baseline, by default the mean CIDEr-D of the image's other samples
    (``scst_baseline="greedy"``: that of the greedy caption).
 Every epoch rewrites ``log.jsonl`` and ``training.png`` (:mod:`.run_folder`, which also claims
-``--out`` before any work); ``last/`` carries the optimizer, scheduler and random-number state
-(:mod:`.state`), so ``resume`` continues exactly where the last complete epoch ended.
+``--out`` before any work) and adds to the TensorBoard events (:mod:`.tensorboard`); ``last/``
+carries the optimizer, scheduler and random-number state (:mod:`.state`), so ``resume`` continues
+exactly where the last complete epoch ended. A run may train on several datasets (each with a
+sampling weight) and validate on several; ``select_set`` picks the scores that choose ``best/``.
 """
 
 from __future__ import annotations
@@ -45,11 +47,12 @@ from ..models.encoder import Encoder
 from ..models.weights import EncoderWeights
 from ..runtime import cache_dir
 from . import state as train_state
-from .config import AUGMENTATIONS, TrainConfig
+from .config import AUGMENTATIONS, SELECT_MEAN, Dataset, TrainConfig
 from .features import FeatureCache, extract_features, file_digests
 from .run_folder import LOG_FILE, claim_output, write_log
 from .scst import SelfCritical, dropout_off, policy_loss
 from .state import Progress
+from .tensorboard import SAMPLE_PHOTOS, TensorBoard
 
 log = logging.getLogger(__name__)
 
@@ -59,30 +62,43 @@ COLLAPSE_THRESHOLD = 0.1  # distinct validation captions per image below which t
 # ------------------------------------------------------------------------------------------------ data
 @dataclass
 class Split:
-    """One split ready for training: its images and their encoder features (None when the CNN is fine-tuned)."""
+    """Images ready for training or validation: the records, the dataset each comes from (an index into the
+    run's training or validation sets) and their encoder features (None when the CNN is fine-tuned)."""
 
     records: list[ImageCaptions]
+    sets: torch.Tensor  # (N,) long
     features: torch.Tensor | None
 
     def references(self) -> dict[int, list[str]]:
         return {i: r.captions for i, r in enumerate(self.records)}
 
 
-def load_splits(config: TrainConfig) -> tuple[list[ImageCaptions], list[ImageCaptions]]:
-    val_images = config.val_images or config.images
-    train, report = load_captions(config.train_captions, config.images, "train", config.skip_invalid)
-    _report_skipped(config.train_captions, report)
-    val, report = load_captions(config.val_captions or config.train_captions, val_images, "val", config.skip_invalid)
-    _report_skipped(config.val_captions or config.train_captions, report)
-    log.info("data: %d training images (%d captions), %d validation images", len(train),
-             sum(len(r.captions) for r in train), len(val))
-    return train, val
+def load_sets(sets: list[Dataset], split: str, skip_invalid: bool) -> tuple[list[ImageCaptions], list[int]]:
+    """The records of every set, one after the other, and the index of the set of each."""
+    records: list[ImageCaptions] = []
+    owners: list[int] = []
+    for index, dataset in enumerate(sets):
+        found, report = load_captions(dataset.captions, dataset.images, split, skip_invalid)
+        if report.skipped:
+            log.warning("%s: skipped %d invalid item(s) (--skip-invalid), e.g. %s", dataset.captions,
+                        len(report.skipped), report.skipped[0])
+        log.info("data: %s set %s: %d images (%d captions)%s", split, dataset.name, len(found),
+                 sum(len(r.captions) for r in found), f", weight {dataset.weight:g}" if dataset.weight != 1 else "")
+        records.extend(found)
+        owners.extend([index] * len(found))
+    return records, owners
 
 
-def _report_skipped(path: str, report) -> None:
-    if report.skipped:
-        log.warning("%s: skipped %d invalid item(s) (--skip-invalid), e.g. %s", path, len(report.skipped),
-                    report.skipped[0])
+def weighted_rows(sets: torch.Tensor, weights: list[float], generator: torch.Generator) -> torch.Tensor:
+    """The rows one epoch visits: each row of set ``i`` ``int(weights[i])`` times, plus a random
+    ``weights[i] % 1`` share of that set's rows once more (``round`` of it, so the count is fixed)."""
+    chosen = []
+    for index, weight in enumerate(weights):
+        rows = torch.nonzero(sets == index).flatten()
+        whole, part = int(weight), round((weight % 1) * len(rows))
+        chosen.extend([rows] * whole)
+        chosen.append(rows[torch.randperm(len(rows), generator=generator)[:part]])
+    return torch.cat(chosen) if chosen else torch.empty(0, dtype=torch.long)
 
 
 class Trainer:
@@ -98,7 +114,9 @@ class Trainer:
         if not self.dist.is_main:
             log.setLevel(logging.WARNING)
         torch.manual_seed(config.seed)
-        train_records, val_records = load_splits(config)
+        self.train_sets, self.val_sets = config.datasets()
+        train_records, train_owners = load_sets(self.train_sets, "train", config.skip_invalid)
+        val_records, val_owners = load_sets(self.val_sets, "val", config.skip_invalid)
         last = checkpoint.recover(self.out / "last")
         self.progress = Progress()
         if resume:
@@ -117,11 +135,12 @@ class Trainer:
         log.info("vocabulary: %d words; encoder %s (%s); %d process(es) on %s", len(self.model.vocab),
                  self.model.encoder.config.name, self.model.encoder.config.weights, self.dist.world_size,
                  self.device)
-        self.train_split = Split(*self._features(train_records, AUGMENTATIONS[config.augment]))
+        self.train_split = self._features(train_records, train_owners, AUGMENTATIONS[config.augment])
         self.captions = encode_captions(self.train_split.records, self.model.vocab, config.max_caption_length)
         if self.captions.truncated:
             log.info("%d training captions were cut to %d words", self.captions.truncated, config.max_caption_length)
-        self.val_split = Split(*self._features(val_records))
+        self.val_split = self._features(val_records, val_owners)
+        self.weights = [dataset.weight for dataset in self.train_sets]
         self.scst = SelfCritical(self.train_split.records, self.model.vocab, config) if config.scst_epochs else None
         # what training runs forward through (DistributedDataParallel, compiled); the parameters, the optimizer
         # and what is saved belong to the unwrapped ``self.model.decoder`` and ``self.model.encoder``
@@ -134,13 +153,18 @@ class Trainer:
                      config.select_metric, self.progress.best_score)
         else:  # feature extraction may or may not have drawn random numbers (cache hits): start afresh
             torch.manual_seed(config.seed + 1 + self.dist.rank)
+        self.board = TensorBoard(self.out, self.progress.epoch) if self.dist.is_main else None
 
-    def _features(self, records: list[ImageCaptions],
-                  views: tuple[str, ...] = ("center",)) -> tuple[list[ImageCaptions], torch.Tensor | None]:
-        """The records kept and their cached encoder features: ``(N, F)``, or ``(views, N, F)`` with augmentation;
-        None when the encoder is fine-tuned. With ``skip_invalid`` images that cannot be decoded are left out."""
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+    def _features(self, records: list[ImageCaptions], owners: list[int], views: tuple[str, ...] = ("center",)) -> Split:
+        """The records kept with their cached encoder features: ``(N, F)``, or ``(views, N, F)`` with augmentation;
+        None when the encoder is fine-tuned. With ``skip_invalid`` images that cannot be decoded are left out.
+        One cache serves every set: its rows are keyed by each file's bytes, wherever the file lives."""
         if self.config.finetune_encoder:
-            return records, None
+            return Split(records, torch.tensor(owners), None)
         paths, stacked = [r.path for r in records], list[torch.Tensor]()
         digests = file_digests(paths, self.dist.is_main)  # once for all views
         for view in views:
@@ -157,9 +181,9 @@ class Trainer:
                 if not kept:
                     raise DataError(f"none of the {len(records)} images can be read")
                 records, paths = [records[i] for i in kept], [paths[i] for i in kept]
-                digests = [digests[i] for i in kept]
+                digests, owners = [digests[i] for i in kept], [owners[i] for i in kept]
             stacked.append(features.to(self.device))
-        return records, stacked[0] if len(stacked) == 1 else torch.stack(stacked)
+        return Split(records, torch.tensor(owners), stacked[0] if len(stacked) == 1 else torch.stack(stacked))
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         """DistributedDataParallel under torchrun; torch.compile on request."""
@@ -173,7 +197,16 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- optimisation
     def _steps_per_epoch(self) -> int:
-        return math.ceil(len(self.captions) / self.config.batch_size)
+        return math.ceil(len(self._epoch_rows(self._caption_sets())) / self.config.batch_size)
+
+    def _caption_sets(self) -> torch.Tensor:
+        """The training set of each caption."""
+        return self.train_split.sets[self.captions.image_index]
+
+    def _epoch_rows(self, sets: torch.Tensor) -> torch.Tensor:
+        """The rows (captions or images) this epoch visits, each set's weighted; the same on every rank."""
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + self.progress.epoch)
+        return weighted_rows(sets, self.weights, generator)
 
     def _optimizer(self, phase: str) -> tuple[torch.optim.Optimizer, LRScheduler]:
         config = self.config
@@ -224,8 +257,8 @@ class Trainer:
     def _epoch(self) -> None:
         started = time.time()
         loss = self._scst_epoch() if self.progress.phase == "scst" else self._xe_epoch()
-        scores = self.dist.broadcast(self.validate() if self.dist.is_main else None)
-        self._end_epoch(loss, scores, time.time() - started)
+        scores, samples = self.dist.broadcast(self.validate() if self.dist.is_main else None)
+        self._end_epoch(loss, scores, samples, time.time() - started)
 
     def _best(self) -> Path:
         log.info("best %s %.4f at epoch %d: %s", self.config.select_metric, self.progress.best_score,
@@ -253,14 +286,14 @@ class Trainer:
         self.optimizer, self.scheduler = self._optimizer("scst")
         log.info("SCST: %d epochs from %s", self.config.scst_epochs, best)
 
-    def _batches(self, count: int, global_size: int) -> list[torch.Tensor]:
-        """This rank's share of each global batch; the union over ranks is one shuffled batch."""
+    def _batches(self, rows: torch.Tensor, global_size: int) -> list[torch.Tensor]:
+        """This rank's share of each global batch of ``rows``; the union over ranks is one shuffled batch."""
         # the sampler needs only len() of its "dataset" of indices; torch's annotation asks for a Dataset
-        sampler: DistributedSampler[int] = DistributedSampler(range(count),  # type: ignore[arg-type]
+        sampler: DistributedSampler[int] = DistributedSampler(range(len(rows)),  # type: ignore[arg-type]
                                                               self.dist.world_size, self.dist.rank, shuffle=True,
                                                               seed=self.config.seed)
         sampler.set_epoch(self.progress.epoch)
-        mine = torch.tensor(list(sampler))
+        mine = rows[torch.tensor(list(sampler), dtype=torch.long)]
         size = max(1, global_size // self.dist.world_size)
         return [mine[i:i + size] for i in range(0, len(mine), size)]
 
@@ -301,7 +334,8 @@ class Trainer:
         self._train_mode()
         captions, total, count = self.captions, 0.0, 0
         ss_prob = self.config.scheduled_sampling * min(1.0, self.progress.epoch / max(1, self.config.epochs - 1))
-        bar = self._progress_bar(self._batches(len(captions), self.config.batch_size), f"epoch {self.progress.epoch + 1}")
+        bar = self._progress_bar(self._batches(self._epoch_rows(self._caption_sets()),
+                                                     self.config.batch_size), f"epoch {self.progress.epoch + 1}")
         for rows in bar:
             tokens, lengths = captions.tokens[rows], captions.lengths[rows]
             tokens = tokens[:, : int(lengths.max())].to(self.device)
@@ -323,7 +357,7 @@ class Trainer:
         assert self.scst is not None, "set up in __init__ whenever scst_epochs > 0"
         total, count = 0.0, 0
         images_per_batch = max(self.dist.world_size, self.config.scst_batch_size)
-        batches = self._batches(len(self.train_split.records), images_per_batch)
+        batches = self._batches(self._epoch_rows(self.train_split.sets), images_per_batch)
         for rows in self._progress_bar(batches, f"SCST epoch {self.progress.epoch + 1}"):
             features = self._features_for(rows)
             self.model.eval()
@@ -338,20 +372,37 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- validation
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Caption the validation images with the checkpoint's decoding settings and score them."""
+    def validate(self) -> tuple[dict[str, dict[str, float]], dict[str, list[tuple[str, str, str]]]]:
+        """Caption the validation images with the checkpoint's decoding settings: each set's scores by name, and
+        ``(file name, caption, a reference)`` of its first few photos (for TensorBoard)."""
         self.model.eval()
-        features = self.val_split.features
+        split = self.val_split
+        features = split.features
         if features is None:
-            features = extract_features(self.model.encoder, [r.path for r in self.val_split.records],
+            features = extract_features(self.model.encoder, [r.path for r in split.records],
                                         device=self.device, num_workers=self.config.num_workers, progress=False)
         captions = self.model.generate(features, batch_size=256)
-        predictions = {i: c[0].text for i, c in enumerate(captions)}
-        return score_captions(predictions, self.val_split.references(), FAST_METRICS)
+        scores, samples = {}, {}
+        for index, dataset in enumerate(self.val_sets):
+            rows = torch.nonzero(split.sets == index).flatten().tolist()
+            scores[dataset.name] = score_captions({i: captions[i][0].text for i in rows},
+                                                  {i: split.records[i].captions for i in rows}, FAST_METRICS)
+            samples[dataset.name] = [(split.records[i].path.name, captions[i][0].text, split.records[i].captions[0])
+                                     for i in rows[:SAMPLE_PHOTOS]]
+        return scores, samples
 
-    def _end_epoch(self, loss: float, scores: dict[str, float], seconds: float) -> None:
+    def _selection(self, scores: dict[str, dict[str, float]]) -> dict[str, float]:
+        """The scores that pick ``best/``: those of the ``select_set`` (the first by default) or, for ``mean``,
+        each metric's mean over the sets."""
+        if self.config.select_set == SELECT_MEAN:
+            return {metric: sum(s[metric] for s in scores.values()) / len(scores) for metric in next(iter(scores.values()))}
+        return scores[self.config.select_set or self.val_sets[0].name]
+
+    def _end_epoch(self, loss: float, by_set: dict[str, dict[str, float]],
+                   samples: dict[str, list[tuple[str, str, str]]], seconds: float) -> None:
         progress, config = self.progress, self.config
         progress.epoch += 1
+        scores = self._selection(by_set)
         score = scores[config.select_metric]
         improved = score > progress.best_score
         if improved:
@@ -361,6 +412,8 @@ class Trainer:
         entry = {"epoch": progress.epoch, "phase": progress.phase, "loss": round(loss, 5),
                  "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 1),
                  **{k: round(v, 5) for k, v in scores.items()}, "best": improved}
+        if len(by_set) > 1:  # the top-level scores are the selection's; each set's own follow
+            entry["sets"] = {name: {k: round(v, 5) for k, v in s.items()} for name, s in by_set.items()}
         progress.history.append(entry)
         # a collective: every rank takes part
         state_files = train_state.state_files(config, progress, self.optimizer, self.scheduler, self.dist)
@@ -373,10 +426,14 @@ class Trainer:
                 write_log(self.out, progress.history, config.select_metric)
             except OSError as exc:
                 raise OutputError(f"{self.out}: cannot write {LOG_FILE} ({exc.strerror or exc})") from None
+            if self.board is not None:
+                self.board.epoch(entry, by_set, samples)
         self.dist.barrier()
-        log.info("epoch %d %s loss %.4f | BLEU-4 %.4f CIDEr-D %.4f%s | %.0fs", progress.epoch, progress.phase, loss,
+        each = "".join(f" | {name} {s.get(config.select_metric, float('nan')):.4f}" for name, s in by_set.items()
+                       if len(by_set) > 1)
+        log.info("epoch %d %s loss %.4f | BLEU-4 %.4f CIDEr-D %.4f%s%s | %.0fs", progress.epoch, progress.phase, loss,
                  scores.get("BLEU-4", float("nan")), scores.get("CIDEr-D", float("nan")),
-                 " (best)" if improved else "", seconds)
+                 " (best)" if improved else "", each, seconds)
         if scores.get("distinct_captions", 1.0) < COLLAPSE_THRESHOLD:
             log.warning("validation captions have collapsed: only %.0f%% of images get a distinct caption (the model "
                         "says the same thing for most photos); more data, more epochs or a lower learning rate may help",
@@ -389,6 +446,10 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
     dist = Distributed.setup(config.device)
     try:
         with claim_output(config, dist):
-            return Trainer(config, resume=resume, dist=dist).run(stop_after_epoch=stop_after_epoch)
+            trainer = Trainer(config, resume=resume, dist=dist)
+            try:
+                return trainer.run(stop_after_epoch=stop_after_epoch)
+            finally:
+                trainer.close()
     finally:
         dist.close()

@@ -3,6 +3,6 @@
 ``config`` is :class:`TrainConfig` (every option and its bounds); ``features`` encodes each photo once
 into an on-disk cache; ``trainer`` runs cross-entropy epochs with teacher forcing and then self-critical
 ones (``scst``), validating and keeping ``best/``; ``state`` saves and checks what an exact resume needs;
-``run_folder`` claims the output folder and writes the log. It builds on ``models``; nothing but the
-command line imports it.
+``run_folder`` claims the output folder and writes the log; ``tensorboard`` writes the event files. It
+builds on ``models``; nothing but the command line imports it.
 """

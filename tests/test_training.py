@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 
 from captioner import Captioner
 from captioner.data.annotations import load_captions
+from captioner.data.vocab import END_ID
 from captioner.models.decoder import Decoder, DecoderConfig
 from captioner.train.scst import dropout_off
-from captioner.train.trainer import train
+from captioner.train.trainer import Trainer, train
 from conftest import ROOT, synthetic_config
 
 # Tests that train a model or start a process are marked slow one by one: `pytest -m "not slow"` skips them.
@@ -74,6 +75,16 @@ def test_resume_equals_uninterrupted_training(synthetic, feature_cache, tmp_path
     logs = [(tmp_path / run / "log.jsonl").read_text().splitlines() for run in ("straight", "resumed")]
     strip = lambda lines: [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in lines]
     assert strip(logs[0]) == strip(logs[1])
+
+    # A resumed run validates the weights it trains, not a snapshot of them (ONNX Runtime's graphs are one)
+    trainer = Trainer(interrupted, resume=True)
+    try:
+        before = trainer.validate()[0]
+        with torch.no_grad():
+            trainer.model.decoder.output.bias[END_ID] += 100.0  # every caption now ends at once
+        assert trainer.validate()[0] != before
+    finally:
+        trainer.close()
 
 
 def run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:

@@ -122,7 +122,8 @@ class Trainer:
         if resume:
             if not last.is_dir():
                 raise CheckpointError(f"{last}: nothing to resume (no last checkpoint in {self.out})")
-            self.model = Captioner.from_pretrained(last, device=self.device)
+            # PyTorch, not ONNX Runtime: the exported graphs are a snapshot, and validation must see each step
+            self.model = Captioner.from_pretrained(last, device=self.device, engine="torch")
         else:
             vocab = Vocabulary.build((c for r in train_records for c in r.captions), config.min_word_count)
             encoder = Encoder.pretrained(config.encoder, config.encoder_weights or None)

@@ -9,9 +9,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -191,22 +192,38 @@ def serving(model, config: BatchConfig, model_dir=None) -> Iterator[tuple[str, B
         sock.close()
 
 
+@dataclass
+class Held:
+    """A server whose worker is blocked on its first request until ``release()``, and the images of every batch
+    the worker has computed since (or is computing)."""
+
+    url: str
+    batcher: Batcher
+    pool: ThreadPoolExecutor  # to send more requests from
+    first: Future  # the first request's answer
+    release: Callable[[], None]
+    batches: list[list[bytes]]
+
+
 @contextmanager
-def worker_held(monkeypatch) -> Iterator[threading.Event]:
-    """The batcher's worker blocked at its next batch until the block ends; the event is set once it is blocked."""
+def held_on_first(model, config: BatchConfig, monkeypatch, image: bytes) -> Iterator[Held]:
     entered, release = threading.Event(), threading.Event()
-    caption_batch = batcher_module.caption_batch
+    caption_batch, batches = batcher_module.caption_batch, []
 
     def held(model, batch):
+        batches.append([request.image for request in batch])
         entered.set()
         release.wait(timeout=30)
         caption_batch(model, batch)
 
     monkeypatch.setattr(batcher_module, "caption_batch", held)
-    try:
-        yield entered
-    finally:
-        release.set()
+    with serving(model, config) as (url, batcher), ThreadPoolExecutor(4) as pool:
+        try:
+            first = pool.submit(post, url, image)
+            assert entered.wait(10)
+            yield Held(url, batcher, pool, first, release.set, batches)
+        finally:
+            release.set()
 
 
 def post(url: str, image: bytes, options: dict | None = None) -> httpx.Response:
@@ -245,34 +262,31 @@ def test_a_burst_of_good_and_corrupt_uploads_gets_each_its_own_answer(tiny_model
 
 
 def test_queue_full_gets_503_then_the_server_serves_again(tiny_model, photos, monkeypatch):
-    with serving(tiny_model, BatchConfig(max_batch=1, max_queue=2, batch_window_ms=0)) as (url, batcher), \
-            ThreadPoolExecutor(3) as pool:
-        with worker_held(monkeypatch) as entered:
-            first = pool.submit(post, url, photos[0])
-            assert entered.wait(10)
-            queued = [pool.submit(post, url, photo) for photo in photos[1:3]]
-            wait_for(lambda: batcher.waiting == 2)
-            refused = post(url, photos[3])
-            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-            # refused before its body is read: three requests are in the server, the bound of max_queue + max_batch
-            assert refused.json()["detail"].startswith("the server is busy (3 requests in progress)")
-            assert httpx.get(f"{url}/v1/health").json()["waiting"] == 2
-        assert [future.result().status_code for future in [first, *queued]] == [200, 200, 200]
-        assert post(url, photos[3]).json()["captions"][0]["text"] == tiny_model.caption(photos[3])
+    config = BatchConfig(max_batch=1, max_queue=2, batch_window_ms=0)
+    with held_on_first(tiny_model, config, monkeypatch, photos[0]) as held:
+        queued = [held.pool.submit(post, held.url, photo) for photo in photos[1:3]]
+        wait_for(lambda: held.batcher.waiting == 2)
+        refused = post(held.url, photos[3])
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        # refused before its body is read: three requests are in the server, the bound of max_queue + max_batch
+        assert refused.json()["detail"].startswith("the server is busy (3 requests in progress)")
+        assert httpx.get(f"{held.url}/v1/health").json()["waiting"] == 2
+        held.release()
+        assert [future.result().status_code for future in [held.first, *queued]] == [200, 200, 200]
+        assert post(held.url, photos[3]).json()["captions"][0]["text"] == tiny_model.caption(photos[3])
 
 
 def test_a_request_past_its_deadline_gets_503_and_is_never_computed(tiny_model, photos, monkeypatch):
-    with serving(tiny_model, BatchConfig(max_batch=1, deadline_s=0.5, batch_window_ms=0)) as (url, batcher), \
-            ThreadPoolExecutor(2) as pool:
-        with worker_held(monkeypatch) as entered:
-            first = pool.submit(post, url, photos[0])
-            assert entered.wait(10)
-            late = post(url, photos[1])
-            assert late.status_code == 503 and late.headers["retry-after"] == "1"
-            assert late.json()["detail"].startswith("the server did not answer within 0.5 s")
-        assert first.result().status_code == 503  # held past its deadline too
-        wait_for(lambda: batcher.waiting == 0)
-        assert post(url, photos[1]).status_code == 200
+    config = BatchConfig(max_batch=1, deadline_s=0.5, batch_window_ms=0)
+    with held_on_first(tiny_model, config, monkeypatch, photos[0]) as held:
+        late = post(held.url, photos[1])
+        assert late.status_code == 503 and late.headers["retry-after"] == "1"
+        assert late.json()["detail"].startswith("the server did not answer within 0.5 s")
+        held.release()
+        assert held.first.result().status_code == 503  # held past its deadline too
+        wait_for(lambda: held.batcher.waiting == 0)
+        assert post(held.url, photos[1]).status_code == 200
+        assert held.batches == [[photos[0]], [photos[1]]]  # the late request's first turn was skipped
 
 
 # ---------------------------------------------------------------------------------------- the batcher

@@ -43,7 +43,7 @@ POLL_SECONDS = 0.25  # how often an idle worker looks whether it should stop
 class BatchConfig:
     """The micro-batching knobs (``captioner serve --max-batch ...``), checked on construction."""
 
-    max_batch: int = option(16, "requests encoded and decoded together at most", range=(1, 256))
+    max_batch: int = option(32, "requests encoded and decoded together at most", range=(1, 256))
     batch_window_ms: float = option(5.0, "how long a batch's first request waits for others, in ms", range=(0, 1000))
     max_queue: int = option(64, "requests waiting at most; more are refused (HTTP 503)", range=(1, 4096))
     deadline_s: float = option(30.0, "a request not answered within this many seconds is given up (HTTP 503)",

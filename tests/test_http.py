@@ -4,6 +4,7 @@ thread) on the tiny random-weight model."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
@@ -287,6 +288,15 @@ def test_a_request_past_its_deadline_gets_503_and_is_never_computed(tiny_model, 
         wait_for(lambda: held.batcher.waiting == 0)
         assert post(held.url, photos[1]).status_code == 200
         assert held.batches == [[photos[0]], [photos[1]]]  # the late request's first turn was skipped
+
+
+def test_a_client_gone_mid_upload_costs_one_log_line(tiny_model, photos, caplog):
+    with serving(tiny_model, BatchConfig()) as (url, _):
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
+            sock.sendall(b"POST /v1/caption HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n" + photos[0][:1000])
+        wait_for(lambda: "the client disconnected before its upload was complete" in caplog.text)
+        assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+        assert post(url, photos[0]).status_code == 200
 
 
 # ---------------------------------------------------------------------------------------- the batcher

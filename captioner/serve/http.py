@@ -27,7 +27,8 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import RedirectResponse
 from pydantic import BaseModel
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.requests import ClientDisconnect
 
 from ..bounds import field_types, options_from_text
 from ..data.images import describe
@@ -154,11 +155,24 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str, list[tu
     """The image's bytes, what to call it in errors, and the decoding options given (query, then form fields)."""
     pairs = list(request.query_params.multi_items())
     body = limited(request, limit)
-    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-        image, upload = await body.body(), "request body"
-    else:
-        form = await body.form(max_files=1, max_fields=len(fields(GenerationConfig)))
-        image, upload = b"", ""
+    try:
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            image, upload = await body.body(), "request body"
+        else:
+            image, upload = await _form_upload(await body.form(max_files=1, max_fields=len(fields(GenerationConfig))),
+                                               pairs)
+    except ClientDisconnect:
+        raise refusal(400, "the client disconnected before its upload was complete") from None
+    if not image:
+        raise refusal(400, f"{upload}: empty, no image (send the photo as the request body or as the multipart "
+                           f"file field '{IMAGE_FIELD}')")
+    return image, upload, pairs
+
+
+async def _form_upload(form: FormData, pairs: list[tuple[str, str]]) -> tuple[bytes, str]:
+    """The file field ``image`` of a multipart form, its other fields appended to ``pairs``; the form closed."""
+    image, upload = b"", ""
+    try:
         for key, value in form.multi_items():
             if not isinstance(value, UploadFile):
                 pairs.append((key, value))
@@ -167,13 +181,11 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str, list[tu
                                    f"{key[:40]!r}")
             else:
                 image, upload = await value.read(), f"upload {(value.filename or '')[:80]!r}"
+    finally:
         await form.close()
-        if not upload:
-            raise refusal(400, f"multipart upload without a file field '{IMAGE_FIELD}'")
-    if not image:
-        raise refusal(400, f"{upload}: empty, no image (send the photo as the request body or as the multipart "
-                           f"file field '{IMAGE_FIELD}')")
-    return image, upload, pairs
+    if not upload:
+        raise refusal(400, f"multipart upload without a file field '{IMAGE_FIELD}'")
+    return image, upload
 
 
 def limited(request: Request, limit: int) -> Request:

@@ -6,8 +6,8 @@ here, loaded, checked and stopped.
 
 For each target, ``/v1/caption`` of ``captioner serve`` (plain HTTP, one keep-alive connection per client),
 ``/caption`` of the demo (``gradio_client``, one ``Client`` per client) and ``/v1/caption`` of the demo's own
-process, and each concurrency level: the clients are made and connected before timing, then each sends
-``--rounds`` requests one after another, all clients at once. Every answer is checked against the in-process
+process, and each concurrency level: the clients are made, connected and warmed by one request
+before timing, then each sends ``--rounds`` requests one after another, all clients at once. Every answer is checked against the in-process
 caption (``Captioner.caption`` for ``/v1``, ``caption_photo`` for ``/caption``, same engine). Then a burst of
 corrupt uploads mixed with photos (each bad one must get its own error, each photo its caption) and one more
 request (the server must still serve). Prints p50/p95 latency, throughput and each server's peak resident
@@ -65,8 +65,7 @@ def corrupt_files(folder: Path, good: Path) -> list[Path]:
 
 
 class Server:
-    """A server process on a free port of 127.0.0.1, up once ``/v1/health`` answers and one photo is captioned
-    (the first request's one-off costs are not load figures)."""
+    """A server process on a free port of 127.0.0.1, up once ``/v1/health`` answers."""
 
     def __init__(self, command: list[str], env: dict[str, str], port: int):
         self.port, self.url = port, f"http://127.0.0.1:{port}"
@@ -81,7 +80,6 @@ class Server:
                 if self.process.poll() is not None or time.time() - started > 300:
                     raise SystemExit(f"server did not start: {' '.join(command)}") from None
                 time.sleep(0.5)
-        ApiClient(self.url).call(ROOT / "assets" / "examples" / "skier.jpg")
         print(f"  up in {time.time() - started:.1f} s, {memory_mb(self.process.pid, 'VmRSS'):.0f} MB resident")
 
     def stop(self) -> float:
@@ -127,9 +125,16 @@ class DemoClient:
 
 def load(make_client: Callable[[str], ApiClient | DemoClient], url: str, clients: int, rounds: int,
          photos: list[Path], expected: dict[Path, str], failures: list[str]) -> dict[str, float]:
-    """``clients`` clients, made before timing, each sending ``rounds`` photos in turn, all at once."""
+    """``clients`` clients, made and warmed by one untimed request each, then each sending ``rounds`` photos in turn,
+    all at once (a first call's one-off costs, in the client or the server, are not load figures)."""
+
+    def warmed(_) -> ApiClient | DemoClient:
+        client = make_client(url)
+        client.call(photos[0])
+        return client
+
     with ThreadPoolExecutor(clients) as pool:
-        made = list(pool.map(lambda _: make_client(url), range(clients)))
+        made = list(pool.map(warmed, range(clients)))
         start = threading.Barrier(clients + 1)
 
         def run(number: int) -> list[float]:

@@ -14,9 +14,11 @@ import functools
 import json
 import math
 import os
+import re
 import stat
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import field, fields
 from typing import Any, BinaryIO, TypeVar
 
@@ -139,6 +141,48 @@ def from_dict(cls: type[T], data: object, what: str = "field", where: str = "",
     of dataclass ``cls`` (:func:`check_object`) and each value of its type and bounds, or one ``error`` line
     naming ``where``. The one way a config dataclass is read from a file."""
     return cls(**check_options(cls, data, error, where, what))
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def options_from_text(cls: type, pairs: Iterable[tuple[str, str]], what: str = "option",
+                      error: type[CaptionerError] = ConfigError) -> dict[str, Any]:
+    """Options given as text (a URL's query, a form's fields) as the types of dataclass ``cls``'s fields.
+
+    ``"3"`` becomes ``3`` for an ``int`` field, ``"0.5"`` a number, ``true``/``false`` (or ``1``/``0``) a boolean,
+    and an empty value (or ``none``) ``None`` for an optional field; text that is not of its field's type is one
+    ``error`` line naming the option. Names are not checked here, nor bounds: the class does both, as for any
+    other source. A name given twice is refused rather than one value silently winning.
+    """
+    kinds = field_types(cls)
+    options: dict[str, Any] = {}
+    for name, text in pairs:
+        if name in options:
+            raise error(f"{what} {name} is given twice")
+        kind, optional = kinds.get(name, (str, False))
+        if optional and text.strip().lower() in ("", "none", "null"):
+            options[name] = None
+        elif kind is int and _INTEGER.fullmatch(text.strip()):
+            options[name] = int(text)
+        elif kind is bool and text.strip().lower() in _BOOLEANS:
+            options[name] = _BOOLEANS[text.strip().lower()]
+        elif kind is float and _is_number(text):
+            options[name] = float(text)
+        elif kind is str:
+            options[name] = text
+        else:
+            raise error(f"{name} must be {_WANTED.get(kind, 'a scalar')}, not {_show(text)}")
+    return options
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return "_" not in text
 
 
 UTF8_BOM = b"\xef\xbb\xbf"

@@ -1,5 +1,5 @@
-"""The ``captioner`` command: ``train``, ``caption``, ``merge``, ``evaluate``, ``export`` and ``demo``, thin layers
-over the package.
+"""The ``captioner`` command: ``train``, ``caption``, ``merge``, ``evaluate``, ``export``, ``demo`` and ``serve``,
+thin layers over the package.
 
 User mistakes (bad files, bad options) print ``error: <one line>`` and exit with status 2; a file
 that cannot be captioned is reported and skipped, and the exit status is 1 at the end, as it is when
@@ -348,28 +348,61 @@ def _write_bytes(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
-# ---------------------------------------------------------------------------------------- demo
-def _demo_parser(sub) -> None:
-    parser = sub.add_parser("demo", help="serve the Gradio web demo", parents=[_common()],
-                            description="Serve the web demo on 127.0.0.1:7860 unless --host/--port or "
-                                        "GRADIO_SERVER_NAME/GRADIO_SERVER_PORT say otherwise.")
+# ---------------------------------------------------------------------------------------- demo, serve
+def _server_options(parser: argparse.ArgumentParser, host: str, port: str) -> None:
+    """The options of a server of the model: ``demo`` and ``serve`` take the same."""
+    from .serve.batcher import BatchConfig
+
     parser.add_argument("--model", help="checkpoint directory (default: the bundled model)")
-    parser.add_argument("--host", help="interface to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    parser.add_argument("--host", help=f"interface to listen on (default: {host})")
+    parser.add_argument("--port", type=int, help=f"port (default: {port})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     _engine_option(parser)
-    parser.set_defaults(handler=_demo)
+    add_dataclass_options(parser.add_argument_group("micro-batching of concurrent requests"), BatchConfig)
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _server_arguments(args: argparse.Namespace):
+    """The batching options, with the device and the port checked before any model is loaded."""
     from .runtime import pick_device
+    from .serve.batcher import BatchConfig
 
     pick_device(args.device)
     if args.port is not None and not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 1 and 65535, not {args.port}")
+    return BatchConfig(**explicit_options(args, BatchConfig))
+
+
+def _demo_parser(sub) -> None:
+    parser = sub.add_parser("demo", help="serve the Gradio web demo (and the HTTP API under /v1)",
+                            parents=[_common()],
+                            description="Serve the web demo, and beside it the HTTP API under /v1, on 127.0.0.1:7860 "
+                                        "unless --host/--port or GRADIO_SERVER_NAME/GRADIO_SERVER_PORT say otherwise.")
+    _server_options(parser, "$GRADIO_SERVER_NAME or 127.0.0.1", "$GRADIO_SERVER_PORT or 7860")
+    parser.set_defaults(handler=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    batching = _server_arguments(args)
     from .serve.webapp import launch
 
-    launch(args.model, args.host, args.port, args.device, engine=args.engine)
+    launch(args.model, args.host, args.port, args.device, engine=args.engine, batching=batching)
+    return 0
+
+
+def _serve_parser(sub) -> None:
+    parser = sub.add_parser("serve", help="serve the HTTP API alone: POST /v1/caption", parents=[_common()],
+                            description="Serve the JSON API (POST /v1/caption, GET /v1/health, GET /v1/model; "
+                                        "documented at /v1/docs) on 127.0.0.1:8000 unless --host/--port say "
+                                        "otherwise, until interrupted.")
+    _server_options(parser, "127.0.0.1", "8000")
+    parser.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    batching = _server_arguments(args)
+    from .serve.http import serve
+
+    serve(args.model, args.host, args.port, args.device, args.engine, batching)
     return 0
 
 
@@ -394,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluate_parser(sub)
     _export_parser(sub)
     _demo_parser(sub)
+    _serve_parser(sub)
     return parser
 
 

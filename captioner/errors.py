@@ -40,3 +40,10 @@ class LoaderError(CaptionerError):
     input, so status 1, like a run with unreadable images."""
 
     exit_status = 1
+
+
+class BusyError(CaptionerError):
+    """A server cannot take or finish a request now (its queue is full, its deadline passed, it is shutting
+    down): nothing wrong with the request, so status 1, and HTTP 503 with ``Retry-After``."""
+
+    exit_status = 1

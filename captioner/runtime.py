@@ -19,6 +19,7 @@ from .errors import ConfigError
 _PACKAGE = Path(__file__).resolve().parent
 ASSETS = _PACKAGE / "assets" if (_PACKAGE / "assets").is_dir() else _PACKAGE.parent / "assets"
 BUNDLED_MODEL = ASSETS / "model"
+BUNDLED_MODEL_CARD = ASSETS / "MODEL_CARD.md"
 EXAMPLES_DIR = ASSETS / "examples"
 
 

@@ -77,11 +77,16 @@ def _parse_record(line: bytes) -> dict | None:
 
 def caption_record(file: str, captions: list[Caption], labels: list[tuple[str, float]] | None) -> dict:
     """A file's record: its captions (text, log_prob, score) and, when given, the CNN's labels."""
-    record: dict = {"file": file, "captions": [{"text": c.text, "log_prob": round(c.log_prob, 4),
-                                                "score": round(c.score, 4)} for c in captions]}
+    return {"file": file, **caption_fields(captions, labels)}
+
+
+def caption_fields(captions: list[Caption], labels: list[tuple[str, float]] | None) -> dict:
+    """An image's captions and labels as JSON, the same in the JSON-lines records and the HTTP API's answers."""
+    fields: dict = {"captions": [{"text": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4)}
+                                 for c in captions]}
     if labels is not None:
-        record["labels"] = [{"label": label, "probability": p} for label, p in labels]
-    return record
+        fields["labels"] = [{"label": label, "probability": p} for label, p in labels]
+    return fields
 
 
 class Writer(Protocol):

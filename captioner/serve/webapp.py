@@ -4,7 +4,10 @@ the model was of each word. ``app.py`` only parses arguments and calls :func:`la
 Works offline: analytics are off, there is no share link, and no external fonts or scripts are
 requested. Uploads are capped in size, requests are queued with a concurrency limit, and every bad
 upload becomes a ``gr.Error`` with a one-line reason while the server keeps serving. The public API
-endpoint ``/caption`` returns the best caption as its first output.
+endpoint ``/caption`` returns the best caption as its first output. The same process serves the plain
+HTTP API (:mod:`.http`) under ``/v1``; the page's events and those requests share one :class:`Batcher`, the
+model's only worker, so concurrent requests of either kind are decoded together rather than competing for
+the cores.
 """
 
 from __future__ import annotations
@@ -13,10 +16,8 @@ import html
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +30,18 @@ from gradio.exceptions import ComponentProcessingError  # noqa: E402
 from ..errors import CaptionerError, ConfigError  # noqa: E402
 from ..models.captioner import Captioner  # noqa: E402
 from ..models.onnx_engine import ENGINE_NAMES  # noqa: E402
-from ..runtime import ASSETS, EXAMPLES_DIR  # noqa: E402
+from ..runtime import BUNDLED_MODEL_CARD, EXAMPLES_DIR  # noqa: E402
+from .batcher import TOP_LABELS, BatchConfig, Batcher, caption_now  # noqa: E402
+from .http import MAX_BODY_BYTES, mounted_beside  # noqa: E402
 
-MAX_FILE_SIZE = "20mb"
-CONCURRENCY_LIMIT = 2  # requests decoded at once; the rest wait in the queue
+CONCURRENCY_LIMIT = 2  # requests decoded at once without a batcher; with one, a batch's worth
 QUEUE_SIZE = 64  # waiting requests beyond this are refused rather than piling up in memory
 STRATEGY_LABELS = {"Beam search": "beam", "Greedy": "greedy", "Sampling": "sample"}
-TOP_LABELS = 5
 EXAMPLES = {"skier.jpg": "skier", "aerial-skier.jpg": "freestyle skier", "dog-frisbee.jpg": "dog and frisbee",
             "skateboarder.jpg": "skateboarder", "bus.jpg": "bus (out of domain)"}
 ABOUT_MODEL = ("**The bundled model was trained on Flickr8k: 8,000 photos of people and dogs outdoors.** It "
                "describes such scenes well and other scenes poorly (kitchens, vehicles, food); the CNN's ImageNet "
                "labels below show what the image model recognises even then. See the model card below.")
-MODEL_CARD = ASSETS / "MODEL_CARD.md"
 CACHE_CLEANUP = (300, 900)  # every 5 minutes, delete uploads older than 15 minutes (non-images included)
 # Plain system fonts: the default theme would fetch Google Fonts, which an offline machine cannot.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -82,12 +82,13 @@ class PhotoResult:
 
 def caption_photo(model: Captioner, image: str | None, strategy: str | None = "Beam search",
                   beam_size: int | None = None, temperature: float = 1.0, num_captions: int | None = 3,
-                  max_length: int | None = None, seed: int | None = None) -> PhotoResult:
+                  max_length: int | None = None, seed: int | None = None,
+                  batcher: Batcher | None = None) -> PhotoResult:
     """Caption one uploaded image for the page and the API (the page's defaults are these defaults).
 
     ``strategy``, ``beam_size`` and ``max_length`` given as ``None`` are the model's own decoding settings; beam
     search widens the beam to the number of captions asked for. Bad input raises ``gr.Error`` with one line
-    naming the upload.
+    naming the upload. With a ``batcher``, the photo joins its next batch; without one, it is captioned here.
     """
     if image is None:
         raise user_error("no image: upload, paste, drop or take a photo first")
@@ -101,16 +102,12 @@ def caption_photo(model: Captioner, image: str | None, strategy: str | None = "B
         if mode == "sample":
             options.update(temperature=temperature, seed=_whole(seed, "seed"))
         config = model.generation_config.updated(**options)  # None keeps the model's own setting
-        started = time.perf_counter()
-        features = model.encode([image])
-        encoded = time.perf_counter()
-        captions = model.generate(features, config)[0]
-        finished = time.perf_counter()
-        labels = cast(list[tuple[str, float]], model.classify(features, TOP_LABELS)[0])  # a batch: a list per image
+        result = caption_now(model, image, config) if batcher is None else batcher.caption(image, config)
     except CaptionerError as exc:  # name the upload, not where the server keeps it
         raise user_error(str(exc).replace(str(image), Path(image).name).replace(os.getcwd(), ".")) from None
     # Shares of the n-best mass and per-word probabilities: numbers a person can read, unlike a whole
     # caption's probability (about 1e-5). Rows are ordered by share, the order of the model's likelihood.
+    captions, took = result.captions, result.timing
     top = max(c.log_prob for c in captions)
     mass = [math.exp(c.log_prob - top) for c in captions]
     ranked = sorted(zip(captions, mass), key=lambda pair: -pair[1])
@@ -119,10 +116,11 @@ def caption_photo(model: Captioner, image: str | None, strategy: str | None = "B
     best = captions[0]
     words = [(token, math.exp(lp)) for token, lp in zip([*best.tokens, "<end>"], best.token_log_probs)]
     search = f"beam search of {config.beam_size}" if config.strategy == "beam" else config.strategy
-    timing = (f"{(finished - started) * 1000:.0f} ms: encoder {(encoded - started) * 1000:.0f} ms, "
-              f"decoder {(finished - encoded) * 1000:.0f} ms ({search}, {model.encoder.config.name}, "
-              f"{model.device.type}, {ENGINE_NAMES[model.engine]})")
-    return PhotoResult(best.text, rows, words, dict(labels), timing)
+    batched = f", queued {took.queued * 1000:.0f} ms, batch of {took.batch}" if batcher is not None else ""
+    timing = (f"{(took.encoder + took.decoder) * 1000:.0f} ms: encoder {took.encoder * 1000:.0f} ms, "
+              f"decoder {took.decoder * 1000:.0f} ms ({search}, {model.encoder.config.name}, "
+              f"{model.device.type}, {ENGINE_NAMES[model.engine]}{batched})")
+    return PhotoResult(best.text, rows, words, dict(result.labels), timing)
 
 
 def user_error(message: str) -> gr.Error:
@@ -193,8 +191,9 @@ def _controls(strategy: str):
     return gr.update(visible=mode == "beam"), gr.update(visible=mode == "sample"), gr.update(visible=mode != "greedy")
 
 
-def build_demo(model: Captioner, bundled: bool = True) -> gr.Blocks:
-    """The page; ``bundled`` says the model is the bundled one, whose training data and card it names."""
+def build_demo(model: Captioner, bundled: bool = True, batcher: Batcher | None = None) -> gr.Blocks:
+    """The page; ``bundled`` says the model is the bundled one, whose training data and card it names. With a
+    ``batcher``, its events run through it, a batch's worth at a time."""
     examples = [str(EXAMPLES_DIR / name) for name in EXAMPLES if (EXAMPLES_DIR / name).is_file()]
     with gr.Blocks(title="captioner", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown("# captioner\nShow-and-Tell image captioning: a CNN encodes the photo, an LSTM writes "
@@ -226,14 +225,15 @@ def build_demo(model: Captioner, bundled: bool = True) -> gr.Blocks:
                 labels = gr.Label(num_top_classes=TOP_LABELS, label="What the CNN sees (ImageNet labels, "
                                   "not the caption model)", elem_id="cnn-labels")
                 timing = gr.Markdown(elem_id="timing", label="timing")
-        if bundled and MODEL_CARD.is_file():
+        if bundled and BUNDLED_MODEL_CARD.is_file():
             with gr.Accordion("Model card of the bundled model", open=False):
-                gr.Markdown(MODEL_CARD.read_text(encoding="utf-8"))
+                gr.Markdown(BUNDLED_MODEL_CARD.read_text(encoding="utf-8"))
         word_data = gr.JSON(visible=False, label="words")
         settings = [strategy, beam_size, temperature, num_captions, max_length]
 
         def api(image, strategy, beam_size, temperature, num_captions, max_length):
-            result = caption_photo(model, image, strategy, beam_size, temperature, num_captions, max_length)
+            result = caption_photo(model, image, strategy, beam_size, temperature, num_captions, max_length,
+                                   batcher=batcher)
             return (result.best, result.rows, [{"token": w, "probability": round(p, 4)} for w, p in result.words],
                     result.labels, result.timing)
 
@@ -242,7 +242,7 @@ def build_demo(model: Captioner, bundled: bool = True) -> gr.Blocks:
             if image is None:  # the photo was cleared
                 return "", "", "", None, None, ""
             try:
-                result = caption_photo(model, image, *values)
+                result = caption_photo(model, image, *values, batcher=batcher)
             except gr.Error as error:
                 return f"**{error.message}**", "", "", None, None, ""
             return "", result.best, words_html(result.words), result.rows, result.labels, result.timing
@@ -254,22 +254,27 @@ def build_demo(model: Captioner, bundled: bool = True) -> gr.Blocks:
         for event in (button.click, image.change):
             event(page, [image, *settings], page_outputs, api_visibility="private")
         strategy.change(_controls, strategy, [beam_size, temperature, num_captions], api_visibility="private")
-    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
+    concurrency = CONCURRENCY_LIMIT if batcher is None else batcher.config.max_batch
+    demo.queue(default_concurrency_limit=concurrency, max_size=QUEUE_SIZE)
     return quiet_refusals(demo)
 
 
 def launch(model_dir: str | None = None, host: str | None = None, port: int | None = None,
-           device: str = "auto", block: bool = True, engine: str = "auto") -> gr.Blocks:
-    """Load the model once, then serve the demo (127.0.0.1:7860 unless told otherwise).
+           device: str = "auto", block: bool = True, engine: str = "auto",
+           batching: BatchConfig | None = None) -> gr.Blocks:
+    """Load the model once, then serve the demo and, under ``/v1``, the HTTP API (127.0.0.1:7860 unless told
+    otherwise), both through one :class:`Batcher` (``batching``: its knobs).
 
     ``engine="auto"`` serves with ONNX Runtime, the faster engine on a CPU, when the model has an ONNX
     export (``make setup`` writes the bundled model's).
     """
     torch.set_grad_enabled(False)
     model = Captioner.from_pretrained(model_dir, device=device, engine=engine)
-    demo = build_demo(model, bundled=model_dir is None)
+    batcher = Batcher(model, batching)
+    demo = build_demo(model, bundled=model_dir is None, batcher=batcher)
     demo.launch(server_name=host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                 server_port=int(port or os.environ.get("GRADIO_SERVER_PORT", "7860")), share=False,
-                max_file_size=MAX_FILE_SIZE, show_error=True, theme=THEME, css=CSS, ssr_mode=False,
-                footer_links=["api"], allowed_paths=[str(EXAMPLES_DIR)], prevent_thread_lock=not block)
+                max_file_size=MAX_BODY_BYTES, show_error=True, theme=THEME, css=CSS, ssr_mode=False,
+                footer_links=["api"], allowed_paths=[str(EXAMPLES_DIR)], prevent_thread_lock=not block,
+                app_kwargs={"lifespan": mounted_beside(batcher, model_dir)})
     return demo

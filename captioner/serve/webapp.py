@@ -38,10 +38,11 @@ CONCURRENCY_LIMIT = 2  # requests decoded at once without a batcher; with one, a
 QUEUE_SIZE = 64  # waiting requests beyond this are refused rather than piling up in memory
 STRATEGY_LABELS = {"Beam search": "beam", "Greedy": "greedy", "Sampling": "sample"}
 EXAMPLES = {"skier.jpg": "skier", "aerial-skier.jpg": "freestyle skier", "dog-frisbee.jpg": "dog and frisbee",
-            "skateboarder.jpg": "skateboarder", "bus.jpg": "bus (out of domain)"}
-ABOUT_MODEL = ("**The bundled model was trained on Flickr8k: 8,000 photos of people and dogs outdoors.** It "
-               "describes such scenes well and other scenes poorly (kitchens, vehicles, food); the CNN's ImageNet "
-               "labels below show what the image model recognises even then. See the model card below.")
+            "skateboarder.jpg": "skateboarder", "bus.jpg": "bus"}
+ABOUT_MODEL = ("**The bundled model was trained on Flickr8k (people and dogs outdoors) and 686 everyday MS-COCO "
+               "photos (streets, kitchens, food, animals, vehicles).** It describes such scenes; rarer ones it "
+               "names roughly, and the CNN's ImageNet labels below show what the image model recognises. "
+               "See the model card below.")
 CACHE_CLEANUP = (300, 900)  # every 5 minutes, delete uploads older than 15 minutes (non-images included)
 # Plain system fonts: the default theme would fetch Google Fonts, which an offline machine cannot.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],

@@ -389,7 +389,8 @@ def test_weights_that_overflow_are_one_line_not_nan_captions(tiny_model, test_im
     """Finite weights pass the checkpoint's checks, but 3e38 overflows the logits: one error line, no NaN output."""
     model = Captioner.from_pretrained(tiny_model.save_pretrained(tmp_path / "plain"), engine="torch")
     with torch.no_grad():
-        model.decoder.output.weight.fill_(3e38)
+        model.decoder.lstm.bias_ih_l0.fill_(100.0)  # every gate saturated: each hidden unit is above 0.76 ...
+        model.decoder.output.weight.fill_(3e38)  # ... so every logit overflows, whatever the photo and init
     folder = model.save_pretrained(tmp_path / "overflowing")
     for engine in ("torch", "auto"):
         assert main(["caption", str(test_images[0]), "--model", str(folder), "--engine", engine, "--json"]) == 2

@@ -362,7 +362,7 @@ def _server_options(parser: argparse.ArgumentParser, host: str, port: str) -> No
 
 
 def _server_arguments(args: argparse.Namespace):
-    """The batching options, with the device and the port checked before any model is loaded."""
+    """The batching options, checked (one line naming a bad one) before any model is loaded."""
     from .runtime import pick_device
     from .serve.batcher import BatchConfig
 

@@ -286,7 +286,8 @@ def _export_parser(sub) -> None:
     parser.add_argument("out", help="directory to write: new, empty or a checkpoint (replaced atomically, anything "
                                     "else is refused); with --format onnx it may be MODEL itself, to add the ONNX "
                                     "graphs beside its files")
-    parser.add_argument("--half-precision", action="store_true", help="store decoder weights as float16 (half size)")
+    parser.add_argument("--half-precision", action="store_true", help="store decoder weights (and a fine-tuned "
+                        "encoder's) as float16 (half size)")
     parser.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
                         help="onnx: also write encoder.onnx, decoder_init.onnx and decoder_step.onnx, for ONNX "
                              "Runtime elsewhere; this package's ONNX engine never runs graph files from a checkpoint "
@@ -328,8 +329,9 @@ def _export(args: argparse.Namespace) -> int:
             log.warning("%s stores float16 weights; the copy is float32 (twice the size) unless --half-precision",
                         path)
     if half:  # the graphs must compute exactly the weights saved
+        rounded = [model.decoder, *([model.encoder] if model.encoder.config.weights.stored else [])]
         with torch.no_grad():
-            for tensor in model.decoder.state_dict().values():
+            for tensor in (t for module in rounded for t in module.state_dict().values() if t.is_floating_point()):
                 tensor.copy_(tensor.half().float())
     files: dict[str, Callable[[Path], None]] = {}
     if args.format == "onnx":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Union
 
@@ -155,8 +155,9 @@ class Captioner(nn.Module):
         device = pick_device("cpu" if engine == "onnx" and str(device) == "auto" else device)
         requested, engine = engine, onnx_engine.resolve_engine(engine, device)
         stored = path / checkpoint.ENCODER_FILE
-        if encoder_weights is not None:
-            state, _, source = resolve_weights(config.encoder.name, encoder_weights)
+        if encoder_weights is not None:  # the weights change, the preprocessing the decoder learnt with stays
+            state, identity, source = resolve_weights(config.encoder.name, encoder_weights)
+            config = replace(config, encoder=replace(config.encoder, weights=identity))
         elif stored.is_file():
             state, source = checkpoint.load_tensors(stored), str(stored)
         elif config.encoder.weights.stored:
@@ -194,9 +195,13 @@ class Captioner(nn.Module):
         for number, model in enumerate(models[1:], 2):
             if model.vocab.words != first.vocab.words:
                 raise ConfigError(f"model {number} has another vocabulary than model 1")
-            if model.encoder.config != first.encoder.config or (
-                    first.encoder.config.weights.stored and not _same_tensors(model.encoder.weights_state_dict(),
-                                                                               first.encoder.weights_state_dict())):
+            mine, theirs = model.encoder.config, first.encoder.config
+            if mine.weights.stored or theirs.weights.stored:  # the same tensors, whichever file they came from
+                same = replace(mine, weights=theirs.weights) == theirs and _same_tensors(
+                    model.encoder.weights_state_dict(), first.encoder.weights_state_dict())
+            else:
+                same = mine == theirs
+            if not same:
                 raise ConfigError(f"model {number} has another encoder than model 1")
         decoders = [member for model in models for member in model.decoder.decoders()]
         return cls(first.encoder, join_decoders(decoders), first.vocab, first.generation_config).to(first.device)
@@ -208,18 +213,20 @@ class Captioner(nn.Module):
         ``path`` must be missing, empty or a checkpoint of ours (:func:`captioner.checkpoint.check_replaceable`):
         the save replaces the whole folder, so a folder of anything else is refused untouched.
         Encoder weights are stored only when they cannot be fetched again: fine-tuned, random or from
-        a user's file. ``half_precision`` stores decoder weights as float16 (half the size).
+        a user's file. ``half_precision`` stores the decoder's and any stored encoder's floating-point weights as
+        float16 (half the size).
         ``extra_files`` maps file names to ``writer(path)`` callables (training state).
         """
         with checkpoint.atomic_directory(checkpoint.check_replaceable(path)) as directory:
             checkpoint.write_json(directory / checkpoint.CONFIG_FILE, self.config.to_dict())
             self.vocab.save(directory / checkpoint.VOCAB_FILE)
-            weights = self.decoder.state_dict()
-            if half_precision:
-                weights = {k: v.half() for k, v in weights.items()}
-            checkpoint.save_tensors(weights, directory / checkpoint.MODEL_FILE)
+            stored = {checkpoint.MODEL_FILE: self.decoder.state_dict()}
             if self.encoder.config.weights.stored:
-                checkpoint.save_tensors(self.encoder.weights_state_dict(), directory / checkpoint.ENCODER_FILE)
+                stored[checkpoint.ENCODER_FILE] = self.encoder.weights_state_dict()
+            for name, weights in stored.items():
+                if half_precision:  # BatchNorm's step counter stays an integer
+                    weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+                checkpoint.save_tensors(weights, directory / name)
             for name, writer in (extra_files or {}).items():
                 writer(directory / name)
         return Path(path)

@@ -119,6 +119,11 @@ class TrainConfig:
     max_length: int = option_like(GenerationConfig, "max_length", "longest generated caption in words")
     finetune_encoder: bool = option(False, "train the CNN too (no feature cache; slow without a GPU)")
     encoder_lr: float = option(1e-5, "learning rate for the CNN with --finetune-encoder", range=(0, 1))
+    init_from: str = option("", "start from this trained checkpoint (its vocabulary, encoder and decoder; "
+                                "--encoder-weights replaces its encoder's) instead of from scratch, e.g. to "
+                                "fine-tune the CNN under a trained decoder")
+    init_member: int = option(0, "with --init-from an ensemble: the member (1, 2, ...) to start from",
+                              range=(0, 1000))
     scst_epochs: int = option(0, "self-critical sequence training epochs after cross-entropy (0 = off)", range=(0, 10000))
     scst_lr: float = option(2e-5, "learning rate during SCST", range=(0, 1))
     scst_samples: int = option(5, "sampled captions per image during SCST", range=(1, 64))
@@ -165,6 +170,8 @@ class TrainConfig:
             raise ConfigError("learning rates must be positive")
         if self.scst_baseline == "mean" and self.scst_samples < 2:
             raise ConfigError("the mean SCST baseline needs scst_samples of 2 or more")
+        if self.init_member and not self.init_from:
+            raise ConfigError("--init-member picks a member of the --init-from ensemble; give --init-from too")
         if self.finetune_encoder and self.scst_epochs:
             raise ConfigError("--scst-epochs works from cached features; it cannot be combined with --finetune-encoder")
 

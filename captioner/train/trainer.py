@@ -24,7 +24,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
 
@@ -101,6 +101,38 @@ def weighted_rows(sets: torch.Tensor, weights: list[float], generator: torch.Gen
     return torch.cat(chosen) if chosen else torch.empty(0, dtype=torch.long)
 
 
+def initial_model(config: TrainConfig, records: list[ImageCaptions]) -> Captioner:
+    """The model a new run starts from: a vocabulary of ``records``' captions, the pretrained CNN and a random
+    decoder; or, with ``init_from``, that checkpoint's vocabulary, encoder (unless ``encoder_weights``) and
+    decoder (``init_member`` of an ensemble), with this run's dropout. The decoder's shape must be the options'."""
+    if not config.init_from:
+        vocab = Vocabulary.build((c for r in records for c in r.captions), config.min_word_count)
+        encoder = Encoder.pretrained(config.encoder, config.encoder_weights or None)
+        decoder = Decoder(DecoderConfig(encoder.config.feature_size, len(vocab), config.embed_size, config.hidden_size,
+                                        config.num_layers, config.dropout, config.input_dropout))
+        return Captioner(encoder, decoder, vocab, config.generation())
+    start = Captioner.from_pretrained(config.init_from, device="cpu", engine="torch",
+                                      encoder_weights=config.encoder_weights or None)
+    members = start.decoder.decoders()
+    if not 1 <= max(1, config.init_member) <= len(members) or (len(members) > 1 and not config.init_member):
+        raise ConfigError(f"--init-member {config.init_member}: {config.init_from} is an ensemble of {len(members)} "
+                          f"decoders; pick one, 1 to {len(members)}" if len(members) > 1 else
+                          f"--init-member {config.init_member}: {config.init_from} has one decoder")
+    member = members[max(1, config.init_member) - 1]
+    if start.encoder.config.name != config.encoder:
+        raise ConfigError(f"--init-from {config.init_from} has encoder {start.encoder.config.name}, this run asks "
+                          f"for {config.encoder}")
+    for name in ("embed_size", "hidden_size", "num_layers"):
+        if getattr(member.config, name) != getattr(config, name):
+            raise ConfigError(f"--init-from {config.init_from} has {name} {getattr(member.config, name)}, this run "
+                              f"asks for {getattr(config, name)}")
+    decoder = Decoder(replace(member.config, dropout=config.dropout, input_dropout=config.input_dropout))
+    decoder.load_state_dict(member.state_dict())
+    log.info("starting from %s%s (its vocabulary; min_word_count is not used)", config.init_from,
+             f", member {config.init_member}" if len(members) > 1 else "")
+    return Captioner(start.encoder, decoder, start.vocab, config.generation())
+
+
 class Trainer:
     """Holds the model, the data and the optimisation state of one run (one rank of it under torchrun)."""
 
@@ -125,12 +157,7 @@ class Trainer:
             # PyTorch, not ONNX Runtime: the exported graphs are a snapshot, and validation must see each step
             self.model = Captioner.from_pretrained(last, device=self.device, engine="torch")
         else:
-            vocab = Vocabulary.build((c for r in train_records for c in r.captions), config.min_word_count)
-            encoder = Encoder.pretrained(config.encoder, config.encoder_weights or None)
-            decoder = Decoder(DecoderConfig(encoder.config.feature_size, len(vocab), config.embed_size,
-                                            config.hidden_size, config.num_layers, config.dropout,
-                                            config.input_dropout))
-            self.model = Captioner(encoder, decoder, vocab, config.generation()).to(self.device)
+            self.model = initial_model(config, train_records).to(self.device)
             if config.finetune_encoder:
                 self.model.encoder.config.weights = EncoderWeights("fine-tuned")
         log.info("vocabulary: %d words; encoder %s (%s); %d process(es) on %s", len(self.model.vocab),
@@ -141,6 +168,9 @@ class Trainer:
         if self.captions.truncated:
             log.info("%d training captions were cut to %d words", self.captions.truncated, config.max_caption_length)
         self.val_split = self._features(val_records, val_owners)
+        order = torch.argsort(self.captions.image_index, stable=True)  # each photo's caption rows, for _xe_batches
+        self._caption_rows = list(torch.split(order, torch.bincount(self.captions.image_index,
+                                                                    minlength=len(self.train_split.records)).tolist()))
         self.weights = [dataset.weight for dataset in self.train_sets]
         self.scst = SelfCritical(self.train_split.records, self.model.vocab, config) if config.scst_epochs else None
         # what training runs forward through (DistributedDataParallel, compiled); the parameters, the optimizer
@@ -198,7 +228,16 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- optimisation
     def _steps_per_epoch(self) -> int:
-        return math.ceil(len(self._epoch_rows(self._caption_sets())) / self.config.batch_size)
+        return len(self._xe_batches())
+
+    def _xe_batches(self) -> list[torch.Tensor]:
+        """This rank's caption rows of each cross-entropy step: ``batch_size`` shuffled captions; or, when the
+        CNN is trained, all the captions of as many whole photos, so that each photo goes through it once."""
+        if self.train_split.features is not None:
+            return self._batches(self._epoch_rows(self._caption_sets()), self.config.batch_size)
+        per_photo = len(self.captions.image_index) / max(1, len(self.train_split.records))
+        photos = self._batches(self._epoch_rows(self.train_split.sets), max(1, round(self.config.batch_size / per_photo)))
+        return [torch.cat([self._caption_rows[i] for i in batch.tolist()]) for batch in photos]
 
     def _caption_sets(self) -> torch.Tensor:
         """The training set of each caption."""
@@ -306,9 +345,13 @@ class Trainer:
         if features is not None:
             return features[image_rows.to(features.device)]
         records = self.train_split.records
-        pixels = torch.stack([self.model.encoder.pixels(records[i].path) for i in image_rows.tolist()])
+        photos, of_row = torch.unique(image_rows, return_inverse=True)  # each photo through the CNN once
+        crops = AUGMENTATIONS[self.config.augment]  # one drawn for each photo, as a cached view is for each row
+        picks = torch.randint(len(crops), (len(photos),)).tolist()
+        pixels = torch.stack([self.model.encoder.pixels(records[i].path, crops[pick])
+                              for i, pick in zip(photos.tolist(), picks)])
         layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-        return self.wrapped_encoder(pixels.to(self.device, memory_format=layout))
+        return self.wrapped_encoder(pixels.to(self.device, memory_format=layout))[of_row.to(self.device)]
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
@@ -335,8 +378,7 @@ class Trainer:
         self._train_mode()
         captions, total, count = self.captions, 0.0, 0
         ss_prob = self.config.scheduled_sampling * min(1.0, self.progress.epoch / max(1, self.config.epochs - 1))
-        bar = self._progress_bar(self._batches(self._epoch_rows(self._caption_sets()),
-                                                     self.config.batch_size), f"epoch {self.progress.epoch + 1}")
+        bar = self._progress_bar(self._xe_batches(), f"epoch {self.progress.epoch + 1}")
         for rows in bar:
             tokens, lengths = captions.tokens[rows], captions.lengths[rows]
             tokens = tokens[:, : int(lengths.max())].to(self.device)

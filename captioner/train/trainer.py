@@ -114,10 +114,11 @@ def initial_model(config: TrainConfig, records: list[ImageCaptions]) -> Captione
     start = Captioner.from_pretrained(config.init_from, device="cpu", engine="torch",
                                       encoder_weights=config.encoder_weights or None)
     members = start.decoder.decoders()
-    if not 1 <= max(1, config.init_member) <= len(members) or (len(members) > 1 and not config.init_member):
+    if len(members) > 1 and not 1 <= config.init_member <= len(members):
         raise ConfigError(f"--init-member {config.init_member}: {config.init_from} is an ensemble of {len(members)} "
-                          f"decoders; pick one, 1 to {len(members)}" if len(members) > 1 else
-                          f"--init-member {config.init_member}: {config.init_from} has one decoder")
+                          f"decoders; pick one, 1 to {len(members)}")
+    if len(members) == 1 and config.init_member > 1:
+        raise ConfigError(f"--init-member {config.init_member}: {config.init_from} has one decoder")
     member = members[max(1, config.init_member) - 1]
     if start.encoder.config.name != config.encoder:
         raise ConfigError(f"--init-from {config.init_from} has encoder {start.encoder.config.name}, this run asks "

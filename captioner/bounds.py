@@ -32,6 +32,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 T = TypeVar("T")
 SCALAR_TYPES = (int, float, str, bool)
+MAX_NAMED = 5  # unknown names listed in one error line; the rest are counted, so a line stays one line
 _WANTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
@@ -117,7 +118,9 @@ def check_object(cls: type, data: object, what: str = "field", where: str = "",
         raise error(f"{prefix}must be an object of {what}s, not {type(data).__name__}")
     unknown = sorted(map(str, set(data) - {item.name for item in fields(cls)}))
     if unknown:
-        raise error(f"{prefix}unknown {what}(s) {', '.join(unknown)}")
+        shown = ", ".join(_show(name)[1:-1] for name in unknown[:MAX_NAMED])
+        more = f" and {len(unknown) - MAX_NAMED:,} more" if len(unknown) > MAX_NAMED else ""
+        raise error(f"{prefix}unknown {what}(s) {shown}{more}")
     return data
 
 
@@ -143,7 +146,8 @@ def from_dict(cls: type[T], data: object, what: str = "field", where: str = "",
     return cls(**check_options(cls, data, error, where, what))
 
 
-_INTEGER = re.compile(r"[+-]?[0-9]+")
+MAX_DIGITS = 30  # no bound of ours needs more; Python's int() refuses text of over 4,300 digits with a traceback
+_INTEGER = re.compile(rf"[+-]?[0-9]{{1,{MAX_DIGITS}}}")
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
@@ -166,6 +170,8 @@ def options_from_text(cls: type, pairs: Iterable[tuple[str, str]], what: str = "
             options[name] = None
         elif kind is int and _INTEGER.fullmatch(text.strip()):
             options[name] = int(text)
+        elif kind is int and re.fullmatch(r"[+-]?[0-9]+", text.strip()):  # checked before int(), which refuses 4,300
+            raise error(f"{name} must be an integer of at most {MAX_DIGITS} digits, not one of {len(text.strip()):,}")
         elif kind is bool and text.strip().lower() in _BOOLEANS:
             options[name] = _BOOLEANS[text.strip().lower()]
         elif kind is float and _is_number(text):

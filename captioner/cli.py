@@ -392,19 +392,32 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve_parser(sub) -> None:
+    from .serve.limits import ServerLimits
+
     parser = sub.add_parser("serve", help="serve the HTTP API alone: POST /v1/caption", parents=[_common()],
-                            description="Serve the JSON API (POST /v1/caption, GET /v1/health, GET /v1/model; "
-                                        "documented at /v1/docs) on 127.0.0.1:8000 unless --host/--port say "
-                                        "otherwise, until interrupted.")
+                            description="Serve the JSON API (POST /v1/caption, GET /v1/health, GET /v1/model, "
+                                        "GET /metrics; documented at /v1/docs) on 127.0.0.1:8000 unless "
+                                        "--host/--port say otherwise, until SIGTERM or Ctrl-C. A --host beyond "
+                                        "loopback needs an API key, or --no-auth.")
     _server_options(parser, "127.0.0.1", "8000")
+    access = parser.add_argument_group("who may call it")
+    access.add_argument("--api-key-file", metavar="FILE",
+                        help="require 'Authorization: Bearer <key>' with the key on FILE's first line (default: "
+                             "$CAPTIONER_API_KEY if set, else no key; /v1/health is always open)")
+    access.add_argument("--no-auth", action="store_true",
+                        help="serve a --host reachable from the network without an API key, on purpose")
+    add_dataclass_options(parser.add_argument_group("bounds per connection, upload and decode"), ServerLimits)
     parser.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
     batching = _server_arguments(args)
-    from .serve.http import serve
+    from .serve.http import Access, serve
+    from .serve.limits import ServerLimits
 
-    serve(args.model, args.host, args.port, args.device, args.engine, batching)
+    limits = ServerLimits(**explicit_options(args, ServerLimits))
+    access = Access.from_options(args.api_key_file, args.no_auth)
+    serve(args.model, args.host, args.port, args.device, args.engine, batching, limits, access)
     return 0
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+import torch
 import uvicorn
 from fastapi.testclient import TestClient
 
@@ -26,7 +27,9 @@ from captioner.errors import BusyError, ConfigError, ImageError
 from captioner.generation.config import GenerationConfig
 from captioner.serve import batcher as batcher_module
 from captioner.serve.batcher import BatchConfig, Batcher
-from captioner.serve.http import standalone_app
+from captioner.serve.connections import server_config
+from captioner.serve.http import Service, standalone_app
+from captioner.serve.limits import ServerLimits
 from conftest import ROOT
 from synthetic import png_header
 
@@ -50,7 +53,7 @@ def corrupt(photos) -> dict[str, tuple[bytes, str]]:
 @pytest.fixture(scope="module")
 def client(tiny_model, tiny_model_dir) -> Iterator[TestClient]:
     batcher = Batcher(tiny_model, BatchConfig(batch_window_ms=0))
-    with TestClient(standalone_app(batcher, str(tiny_model_dir), max_body_bytes=1_000_000)) as test_client:
+    with TestClient(standalone_app(Service.over(batcher, max_body_bytes=1_000_000), str(tiny_model_dir))) as test_client:
         yield test_client
 
 
@@ -75,7 +78,7 @@ def test_a_photo_as_the_body_gets_captioners_caption_and_labels(client, tiny_mod
     assert_same_captions(body["captions"], expected(tiny_model, photos[0]))
     assert [(label["label"], label["probability"]) for label in body["labels"]] == tiny_model.classify(photos[0])
     assert body["model"] == tiny_model_dir.name
-    assert set(body["timing"]) == {"total_ms", "queued_ms", "encoder_ms", "decoder_ms", "batch_size"}
+    assert set(body["timing"]) == {"total_ms", "decode_ms", "queued_ms", "encoder_ms", "decoder_ms", "batch_size"}
 
 
 def test_options_as_query_parameters_or_form_fields(client, tiny_model, photos):
@@ -155,9 +158,11 @@ def test_health_model_facts_and_openapi(client, tiny_model):
     assert facts["vocabulary_size"] == len(tiny_model.vocab) and facts["engine"] == "PyTorch"
     assert facts["limits"]["max_body_bytes"] == 1_000_000 and facts["model_card"] is None
     schema = client.get("/v1/openapi.json").json()
-    assert set(schema["paths"]) == {"/caption", "/health", "/model"}
+    assert set(schema["paths"]) == {"/caption", "/health", "/model", "/metrics"}
     documented = {p["name"]: p["schema"] for p in schema["paths"]["/caption"]["post"]["parameters"]}
     assert documented["beam_size"]["maximum"] == 64 and set(documented) == set(GenerationConfig().to_dict())
+    assert schema["openapi"].startswith("3.1") and documented["seed"]["type"] == ["integer", "null"]
+    assert "nullable" not in str(schema)  # an OpenAPI 3.0 keyword, not of 3.1
     assert client.get("/v1/docs").status_code == 200
     assert client.get("/", follow_redirects=False).headers["location"] == "/v1/docs"
 
@@ -174,10 +179,13 @@ def test_text_options_take_their_fields_types():
 
 # ---------------------------------------------------------------------------------------- a real server under load
 @contextmanager
-def serving(model, config: BatchConfig, model_dir=None) -> Iterator[tuple[str, Batcher]]:
-    """The standalone app under uvicorn on a free port of 127.0.0.1, in a thread, for as long as the block runs."""
+def serving(model, config: BatchConfig, model_dir=None, limits: ServerLimits | None = None,
+            wrap=lambda app: app) -> Iterator[tuple[str, Batcher]]:
+    """The standalone app (``wrap``ped) under uvicorn with ``captioner serve``'s connection bounds, on a free port of
+    127.0.0.1, in a thread, for as long as the block runs."""
     batcher = Batcher(model, config)
-    server = uvicorn.Server(uvicorn.Config(standalone_app(batcher, model_dir), log_level="warning"))
+    app = wrap(standalone_app(Service.over(batcher, limits), model_dir))
+    server = uvicorn.Server(server_config(app, limits or ServerLimits(), "127.0.0.1", 0))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -212,7 +220,7 @@ def held_on_first(model, config: BatchConfig, monkeypatch, image: bytes) -> Iter
     caption_batch, batches = batcher_module.caption_batch, []
 
     def held(model, batch):
-        batches.append([request.image for request in batch])
+        batches.append([request.image for request in batch])  # the pixels the decode pool made of each upload
         entered.set()
         release.wait(timeout=30)
         caption_batch(model, batch)
@@ -287,7 +295,9 @@ def test_a_request_past_its_deadline_gets_503_and_is_never_computed(tiny_model, 
         assert held.first.result().status_code == 503  # held past its deadline too
         wait_for(lambda: held.batcher.waiting == 0)
         assert post(held.url, photos[1]).status_code == 200
-        assert held.batches == [[photos[0]], [photos[1]]]  # the late request's first turn was skipped
+        # the late request's first turn was skipped
+        assert [[pixels.shape for pixels in batch] for batch in held.batches] == [[(3, 224, 224)]] * 2
+        assert torch.equal(held.batches[1][0], tiny_model.encoder.pixels(photos[1]))
 
 
 def test_a_client_gone_mid_upload_costs_one_log_line(tiny_model, photos, caplog):

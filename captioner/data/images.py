@@ -50,8 +50,9 @@ def describe(source: ImageInput) -> str:
     return f"<{type(source).__name__}>"
 
 
-def load_image(source: ImageInput) -> Image.Image:
-    """Return ``source`` as an upright RGB image, or raise :class:`ImageError`."""
+def load_image(source: ImageInput, formats: tuple[str, ...] | None = None) -> Image.Image:
+    """Return ``source`` as an upright RGB image, or raise :class:`ImageError`; a file or bytes only of one of
+    Pillow's ``formats`` when given (a server refuses what a photo never is, by name, before decoding it)."""
     name = describe(source)
     if isinstance(source, Image.Image):
         return _to_rgb(source, name)
@@ -60,11 +61,11 @@ def load_image(source: ImageInput) -> Image.Image:
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise ImageError(f"{name}: empty input (0 bytes)")
-        return _decode(io.BytesIO(bytes(source)), name)
+        return _decode(io.BytesIO(bytes(source)), name, formats)
     if isinstance(source, (str, os.PathLike)):
         try:
             with open(_image_file(source, name), "rb") as handle:
-                return _decode(handle, name)
+                return _decode(handle, name, formats)
         except OSError as exc:  # permissions, a name too long, an I/O error: the reason, not a traceback
             raise ImageError(f"{name}: cannot read ({exc.strerror or exc})") from None
     raise ImageError(f"{name}: unsupported image input; give a path, bytes, a PIL image or a numpy array")
@@ -81,7 +82,7 @@ def _image_file(source: str | os.PathLike, name: str) -> Path:
     return path
 
 
-def _decode(stream, name: str) -> Image.Image:
+def _decode(stream, name: str, formats: tuple[str, ...] | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -94,6 +95,8 @@ def _decode(stream, name: str) -> Image.Image:
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # Pillow's plugins raise all of these
         raise ImageError(f"{name}: truncated or corrupt image data ({exc})") from None
     with image:
+        if formats is not None and image.format not in formats:
+            raise ImageError(f"{name}: {image.format} images are not accepted here (only {', '.join(formats)})")
         _check_size(image.width, image.height, name)
         try:
             image.seek(0)  # first frame of an animation

@@ -5,7 +5,8 @@ the decoder's weights once for all rows), so a server under load should decode i
 :class:`Batcher` owns the model on one worker thread. Callers :meth:`~Batcher.submit` an image with its
 :class:`GenerationConfig` and get a future; the worker takes the first waiting request, waits at most
 ``batch_window_ms`` for others (``max_batch`` at most), loads each image on its own (a corrupt one fails only
-its own future), runs the CNN over the readable ones, and one search per distinct decoding config.
+its own future) unless it came already decoded (the HTTP API's decode pool), runs the CNN over the readable ones,
+and one search per distinct decoding config.
 
 Everything is bounded: at most ``max_queue`` requests wait (more are refused with :class:`BusyError` at
 once, not queued), one thread computes, and a request not answered within ``deadline_s`` is given up
@@ -20,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ class Timing:
     """Where a request's time went, in seconds; ``encoder`` and ``decoder`` are its batch's and its group's."""
 
     queued: float  # from submit to the start of its batch
-    encoder: float  # loading the batch's images and running the CNN over them
+    encoder: float  # loading the batch's images (those not already decoded) and running the CNN over them
     decoder: float  # the search of the requests with its decoding config
     batch: int  # requests in its batch
 
@@ -74,7 +75,7 @@ class Result:
 
 @dataclass
 class Request:
-    image: ImageInput
+    image: ImageInput | torch.Tensor  # a tensor: the pixels the encoder takes, already preprocessed
     config: GenerationConfig
     deadline: float  # time.monotonic() by which it must be answered
     submitted: float = field(default_factory=time.perf_counter)
@@ -86,6 +87,7 @@ class Batcher:
 
     def __init__(self, model: Captioner, config: BatchConfig | None = None):
         self.model, self.config = model, config or BatchConfig()
+        self.on_batch: Callable[[int], None] = lambda size: None  # told each batch's size (the server's metrics)
         self._queue: queue.Queue[Request] = queue.Queue(self.config.max_queue)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="caption-batcher", daemon=True)
@@ -110,8 +112,9 @@ class Batcher:
     def waiting(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, image: ImageInput, config: GenerationConfig) -> Future:
-        """A future of ``image``'s :class:`Result`; :class:`BusyError` at once when the queue is full or closed."""
+    def submit(self, image: ImageInput | torch.Tensor, config: GenerationConfig) -> Future:
+        """A future of ``image``'s :class:`Result` (``image`` may be its preprocessed pixels); :class:`BusyError`
+        at once when the queue is full or closed."""
         if self._stop.is_set():
             raise BusyError("the server is shutting down")
         request = Request(image, config, time.monotonic() + self.config.deadline_s)
@@ -135,6 +138,7 @@ class Batcher:
         while not self._stop.is_set():
             batch = self._collect()
             if batch:
+                self.on_batch(len(batch))
                 caption_batch(self.model, batch)
 
     def _collect(self) -> list[Request]:
@@ -184,7 +188,8 @@ def caption_batch(model: Captioner, batch: list[Request]) -> None:
         readable, pixels = [], []
         for request in batch:
             try:
-                pixels.append(model.encoder.pixels(request.image))
+                image = request.image
+                pixels.append(image if isinstance(image, torch.Tensor) else model.encoder.pixels(image))
                 readable.append(request)
             except CaptionerError as exc:
                 request.future.set_exception(exc)

@@ -50,15 +50,19 @@ class Dataset:
 
     @classmethod
     def parse(cls, text: str) -> dict:
-        """A flag's ``captions=FILE,images=DIR[,weight=W][,name=NAME]`` as the dict a config file would hold."""
+        """A flag's ``captions=FILE,images=DIR[,weight=W][,name=NAME]`` as the dict a config file would hold; a key
+        given twice is refused rather than the last one silently winning."""
         values: dict = {}
         for item in text.split(","):
             key, equals, value = item.partition("=")
-            if not equals or key.strip() not in ("captions", "images", "weight", "name"):
+            key = key.strip()
+            if not equals or key not in ("captions", "images", "weight", "name"):
                 raise ConfigError(f"dataset {text!r}: expected captions=FILE,images=DIR[,weight=W][,name=NAME], "
                                   f"not {item!r}")
+            if key in values:
+                raise ConfigError(f"dataset {text!r}: {key}= is given twice")
             try:
-                values[key.strip()] = float(value) if key.strip() == "weight" else value
+                values[key] = float(value) if key == "weight" else value
             except ValueError:
                 raise ConfigError(f"dataset {text!r}: weight must be a number, not {value!r}") from None
         return values

@@ -255,6 +255,46 @@ def test_out_that_is_a_file_or_below_one_fails_before_any_work(synthetic, tmp_pa
     assert not cache.exists() and occupied.read_text() == "not a folder"
 
 
+def test_out_that_is_a_checkpoint_folder_is_refused_before_any_work(synthetic, tiny_model_dir, tmp_path,
+                                                                    train_in_process):
+    """``--out assets/model`` (or a run's ``best/``) once got best/, last/, logs and locks among its files."""
+    checkpoints = {"model": tmp_path / "model", "weights-only": tmp_path / "weights-only"}
+    shutil.copytree(tiny_model_dir, checkpoints["model"])
+    checkpoints["weights-only"].mkdir()
+    shutil.copy(tiny_model_dir / "model.safetensors", checkpoints["weights-only"])
+    cache = tmp_path / "cache"
+    for kind, out in checkpoints.items():
+        before = _snapshot(out)
+        result = train_in_process(*cli_args(synthetic, out, cache))
+        assert_one_line_error(result, f"--out {out}: is a checkpoint folder (it holds ", "not a training run's")
+        assert _snapshot(out) == before, kind  # nothing written, not even the lock
+    assert not cache.exists()  # refused before the feature cache (or the data) was touched
+
+
+def test_out_that_is_new_empty_or_an_earlier_run_is_claimed(synthetic, tiny_model_dir, tmp_path):
+    earlier = tmp_path / "earlier"
+    for name in ("best", "last"):
+        shutil.copytree(tiny_model_dir, earlier / name)
+    (earlier / "log.jsonl").write_text("{}\n")
+    (earlier / "tensorboard").mkdir()
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty", earlier):
+        with claim_output(small_config(synthetic, out, tmp_path / "cache"), Distributed()):
+            assert (out / ".lock").read_text() == f"{os.getpid()}\n"
+
+
+@pytest.mark.parametrize("link", ["tensorboard", "training.png", ".lock"])
+def test_a_link_in_out_is_refused_never_written_through(synthetic, tmp_path, train_in_process, link):
+    """A linked ``OUT/tensorboard`` once received the run's TensorBoard events wherever it pointed."""
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / link).symlink_to(elsewhere if link == "tensorboard" else elsewhere / "file")
+    result = train_in_process(*cli_args(synthetic, out, tmp_path / "cache"))
+    assert_one_line_error(result, f"--out {out}: {link} is a link; a run writes only into its own folder")
+    assert list(elsewhere.iterdir()) == [] and sorted(p.name for p in out.iterdir()) == [link]
+
+
 @pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC, errno.EACCES])
 def test_unwritable_out_is_found_before_the_data_is_read(tmp_path, monkeypatch, code):
     import captioner.checkpoint as checkpoint  # home of the write probe that training and bulk captioning share

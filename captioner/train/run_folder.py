@@ -1,7 +1,8 @@
 """The run's output folder (``--out``): claimed before any work, and its log rewritten after each epoch.
 
-Claiming checks that ``--out`` and the feature cache are writable folders and takes an exclusive lock
-on ``--out/.lock``, so a read-only or full disk, or a second run with the same ``--out``, fails at once.
+Claiming checks that ``--out`` may hold a run (not a checkpoint folder, no links in it) and that it and the
+feature cache are writable folders, and takes an exclusive lock on ``--out/.lock``, so a mistaken ``--out``,
+a read-only or full disk, or a second run with the same ``--out``, fails at once.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..checkpoint import check_writable
+from ..checkpoint import OUR_FILES, check_writable
 from ..distributed import Distributed
 from ..errors import OutputError
 from ..runtime import cache_dir
@@ -35,6 +36,7 @@ def claim_output(config: TrainConfig, dist: Distributed) -> Iterator[None]:
         if not config.finetune_encoder:
             folders["--feature-cache"] = Path(config.feature_cache or cache_dir("features"))
         try:
+            _check_run_folder(out)
             for flag, folder in folders.items():
                 check_writable(folder, flag)
             lock = _lock(out)
@@ -50,6 +52,30 @@ def claim_output(config: TrainConfig, dist: Distributed) -> Iterator[None]:
     finally:
         if lock is not None:
             os.close(lock)
+
+
+def _check_run_folder(out: Path) -> None:
+    """Nothing if a run may write into folder ``out`` (missing, empty, an earlier run's, or any other folder);
+    else :class:`OutputError`.
+
+    Refused: a checkpoint folder (``assets/model``, a run's ``best/``), which would get best/, last/, logs and
+    locks among its files; and a link in ``out``, through which the run would write elsewhere (TensorBoard's
+    events through a linked ``tensorboard/``, a lock or ``training.png`` onto the file a link names).
+    """
+    if not out.is_dir():
+        return  # missing: created by check_writable, which also reports a file
+    try:
+        entries = sorted(out.iterdir())
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot list the folder ({exc.strerror or exc})") from None
+    checkpoint_files = [entry.name for entry in entries if entry.name in OUR_FILES]
+    if checkpoint_files:
+        raise OutputError(f"--out {out}: is a checkpoint folder (it holds {', '.join(checkpoint_files[:3])}), not a "
+                          "training run's; give a new or empty folder, or an earlier run's")
+    links = [entry.name for entry in entries if entry.is_symlink()]
+    if links:
+        raise OutputError(f"--out {out}: {', '.join(links[:3])} {'is a link' if len(links) == 1 else 'are links'}; "
+                          "a run writes only into its own folder, never through a link (remove it)")
 
 
 def _lock(out: Path) -> int:

@@ -197,52 +197,71 @@ _KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a pipe", stat.S_IFCHR: "a dev
 
 
 def open_regular(path: str | os.PathLike, name: str, what: str, instead: str = "", pipes: bool = False,
-                 error: type[CaptionerError] = ConfigError) -> BinaryIO:
+                 error: type[CaptionerError] = ConfigError, follow: bool = True, dir_fd: int | None = None) -> BinaryIO:
     """Regular file ``path`` (or, with ``pipes``, a pipe) opened for reading, or a one-line ``error``
     starting with ``name``: ``<what> not found``, ``cannot read the <what> (reason)`` or ``<what> is not a
-    regular file (a device)`` followed by ``instead``.
+    regular file (a device)`` followed by ``instead``. Without ``follow`` a link is refused (``cannot read``);
+    ``dir_fd`` is the open folder a relative ``path`` is in.
 
     Opened without blocking and checked on the descriptor, not the name (which a rename could change
     meanwhile), so that a device such as /dev/zero or a folder is refused before anything is read, and
     a named pipe without a writer reads as empty instead of blocking forever.
     """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        descriptor = os.open(path, flags, dir_fd=dir_fd)
     except FileNotFoundError:
         raise error(f"{name}: {what} not found") from None
     except OSError as exc:
         if exc.errno == errno.ENXIO:  # what opening a socket gives
             raise error(f"{name}: {what} is not a regular file (a socket or device){instead}") from None
         raise error(f"{name}: cannot read the {what} ({exc.strerror or exc})") from None
-    mode = os.fstat(descriptor).st_mode
-    if not (stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode))):
+    try:
+        check_kind(descriptor, name, what, instead, pipes, error)
+    except CaptionerError:
         os.close(descriptor)
-        raise error(f"{name}: {what} is not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special')}){instead}")
+        raise
     os.set_blocking(descriptor, True)
     return open(descriptor, "rb")
 
 
-def read_limited(handle: BinaryIO, limit: int, name: str, what: str,
-                 error: type[CaptionerError] = ConfigError) -> bytes:
-    """At most ``limit`` bytes of ``handle`` (never more than ``limit + 1`` in memory), a leading UTF-8 BOM
-    (which Windows editors write) removed; else ``error``: ``<name>: <what> larger than <limit> bytes``."""
-    raw = handle.read(limit + 1)
-    if len(raw) > limit:
-        raise error(f"{name}: {what} larger than {limit} bytes")
-    return raw.removeprefix(UTF8_BOM)
+def check_kind(descriptor: int, name: str, what: str, instead: str = "", pipes: bool = False,
+               error: type[CaptionerError] = ConfigError) -> None:
+    """Nothing if open ``descriptor`` is a regular file (or, with ``pipes``, a pipe); else ``error``:
+    ``<name>: <what> is not a regular file (a device)`` followed by ``instead``. For what arrives already
+    open (standard input) as for what :func:`open_regular` opens."""
+    mode = os.fstat(descriptor).st_mode
+    if not (stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode))):
+        raise error(f"{name}: {what} is not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special')}){instead}")
 
 
-def read_bounded(path: str | os.PathLike, limit: int, name: str, what: str, instead: str = "",
-                 pipes: bool = False, error: type[CaptionerError] = ConfigError) -> bytes:
-    """The bytes of regular file ``path`` (:func:`open_regular`) as :func:`read_limited` gives them; one that is
-    larger than ``limit`` by its size is refused unread."""
-    with open_regular(path, name, what, instead, pipes, error) as handle:
-        if os.fstat(handle.fileno()).st_size > limit:
+READ_CHUNK = 1 << 20
+
+
+def read_bounded(path: str | os.PathLike, limit: int, name: str, what: str,
+                 error: type[CaptionerError] = ConfigError, follow: bool = True, dir_fd: int | None = None) -> bytes:
+    """The bytes of regular file ``path`` (:func:`open_regular`), at most ``limit``; else ``error``:
+    ``<name>: <what> larger than <limit> bytes``, a file larger by its size refused unread.
+
+    Memory follows what is read, never ``limit``: the file is read in one piece of its size (plus a byte, to
+    see it grow), then in chunks (a growing file, or one whose size says 0, as in /proc). Reading ``limit + 1``
+    bytes at once reserves that much: 2 GiB for every ONNX graph read from the cache, which a 6 GB
+    address-space limit did not allow.
+    """
+    with open_regular(path, name, what, error=error, follow=follow, dir_fd=dir_fd) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > limit:
             raise error(f"{name}: {what} larger than {limit} bytes")
+        parts, total, step = [], 0, size + 1 if size else READ_CHUNK
         try:
-            return read_limited(handle, limit, name, what, error)
+            while total <= limit and (part := handle.read(min(step, limit + 1 - total))):
+                parts.append(part)
+                total, step = total + len(part), READ_CHUNK
         except OSError as exc:
             raise error(f"{name}: cannot read the {what} ({exc.strerror or exc})") from None
+    if total > limit:
+        raise error(f"{name}: {what} larger than {limit} bytes")
+    return b"".join(parts)
 
 
 def read_json(path: str | os.PathLike, limit: int, what: str, error: type[CaptionerError] = ConfigError,
@@ -254,7 +273,7 @@ def read_json(path: str | os.PathLike, limit: int, what: str, error: type[Captio
     multi-line message.
     """
     name = str(path)
-    raw = read_bounded(path, limit, name, what, error=error)
+    raw = read_bounded(path, limit, name, what, error=error).removeprefix(UTF8_BOM)  # which Windows editors write
     syntax = "TOML" if toml else "JSON"
     try:
         text = raw.decode("utf-8")

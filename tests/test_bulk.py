@@ -60,8 +60,10 @@ def test_file_list_skips_blank_lines_and_bounds_its_lines(tmp_path, monkeypatch)
     assert read_file_list(str(listing)) == ["a.jpg", "sub dir/b c.jpg", os.fsdecode(b"\xffd.jpg")]
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"x.jpg\ny.jpg\nx.jpg\n")))
     assert collect_inputs([], "-") == ["x.jpg", "y.jpg"]  # each file once, first place kept
+    listing.write_bytes(b"a.jpg\n" + b"b" * MAX_PATH_BYTES + b"\r\n")
+    assert read_file_list(str(listing)) == ["a.jpg", "b" * MAX_PATH_BYTES]
     listing.write_bytes(b"a.jpg\n" + b"b" * (MAX_PATH_BYTES + 1) + b"\n")
-    with pytest.raises(ConfigError, match=r"line 2 is 4,097 bytes long \(at most 4096\)"):
+    with pytest.raises(ConfigError, match=r"line 2 is longer than 4096 bytes"):
         read_file_list(str(listing))
     listing.write_bytes(b"a.jpg\nb\0.jpg\n")
     with pytest.raises(ConfigError, match="line 2 holds a NUL byte"):

@@ -507,6 +507,35 @@ def test_files_from_a_device_is_refused_unread():
     assert peak < 1500  # importing the package takes about 700 MB; reading to the bound, 2 GiB more
 
 
+FILES_FROM_STANDARD_INPUT = """
+import re, sys
+from pathlib import Path
+from captioner.cli import main
+
+peak = lambda: int(re.search(r"VmHWM:\\s*(\\d+)", Path("/proc/self/status").read_text())[1]) / 1024
+before = peak()
+status = main(["caption", "--files-from", "-", "-q"])
+print("STATUS", status, "GREW", peak() - before)
+"""
+
+
+@pytest.mark.slow  # a process each
+@pytest.mark.parametrize("source, error", [
+    ("< /dev/zero", "--files-from standard input: file list is not a regular file (a device); give a file, a pipe or -"),
+    ("head -c 100000000 /dev/zero |", "--files-from standard input: line 1 holds a NUL byte; expected one path per line"),
+    ("tr '\\0' a < /dev/zero | head -c 100000000 |",
+     "--files-from standard input: line 1 is longer than 4096 bytes; expected one path per line")])
+def test_files_from_standard_input_is_refused_at_its_first_bad_line(source, error):
+    """A device as standard input is refused unread, like a named one; a stream at its first bad line, not after
+    the list's 2 GiB bound (``< /dev/zero`` once read 2 GiB, peaking at 2.8 GB, before the refusal)."""
+    result = subprocess.run(["bash", "-c", f'{source} "$0" -c "$1"', sys.executable, FILES_FROM_STANDARD_INPUT],
+                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [f"error: {error}"]
+    words = result.stdout.split()
+    assert words[:2] == ["STATUS", "2"] and float(words[3]) < 20, result.stdout  # MB: one line read, not 100 MB
+
+
 def test_cli_missing_path_is_a_usage_mistake(checkpoint_dir, tmp_path, capsys):
     result = in_process(capsys, "caption", "--model", str(checkpoint_dir), str(tmp_path / "nope.jpg"))
     assert "nope.jpg: no such file or folder" in one_line_error(result)

@@ -6,6 +6,8 @@ input; a list file is bounded in size and lines and must be a regular file or a 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
@@ -13,8 +15,9 @@ import sys
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from ..bounds import check_value, read_bounded, read_limited
+from ..bounds import UTF8_BOM, check_kind, check_value, open_regular
 from ..data.images import IMAGE_EXTENSIONS
 from ..distributed import launched_rank
 from ..errors import ConfigError
@@ -26,6 +29,7 @@ MAX_SHARDS = 1_000_000
 MAX_LIST_BYTES = 2 << 30  # --files-from: about 20 million paths of 100 bytes
 MAX_LIST_LINES = 20_000_000
 MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
+_INSTEAD = "; give a file, a pipe or -"  # what a refused --files-from is told
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -79,25 +83,44 @@ def read_file_list(source: str) -> list[str]:
 
     Entries are taken as files, unchecked: one that is missing or unreadable gets an error record like any
     bad image. Bounds: ``MAX_LIST_BYTES``, ``MAX_LIST_LINES`` paths, ``MAX_PATH_BYTES`` per line, no NUL byte.
-    ``source`` is a regular file or a pipe (``--files-from <(find ...)``), never a device or folder
-    (:func:`read_bounded`).
+    ``source``, standard input too, is a regular file or a pipe (``--files-from <(find ...)``), never a device
+    or folder, checked before anything is read (:func:`open_regular`).
     """
     name = "--files-from " + ("standard input" if source == "-" else source)
     if source == "-":
-        raw = read_limited(sys.stdin.buffer, MAX_LIST_BYTES, name, "file list")
-    else:
-        raw = read_bounded(source, MAX_LIST_BYTES, name, "file list", "; give a file, a pipe or -", pipes=True)
+        with contextlib.suppress(io.UnsupportedOperation):  # an in-memory stream put in its place has no descriptor
+            check_kind(sys.stdin.buffer.fileno(), name, "file list", _INSTEAD, pipes=True)
+        return _listed_paths(sys.stdin.buffer, name)
+    with open_regular(source, name, "file list", _INSTEAD, pipes=True) as handle:
+        return _listed_paths(handle, name)
+
+
+def _listed_paths(stream: BinaryIO, name: str) -> list[str]:
+    """:func:`read_file_list`'s paths of ``stream``, read one line at a time, so that a stream is refused as soon
+    as a bound is passed: a file over ``MAX_LIST_BYTES`` by its size, unread; a line over ``MAX_PATH_BYTES`` or
+    holding a NUL byte (``head -c 1G /dev/zero |``) after that line, never after reading ``MAX_LIST_BYTES``."""
+    with contextlib.suppress(io.UnsupportedOperation):
+        if os.fstat(stream.fileno()).st_size > MAX_LIST_BYTES:
+            raise ConfigError(f"{name}: file list larger than {MAX_LIST_BYTES} bytes")
     files: list[str] = []
-    for number, line in enumerate(raw.split(b"\n"), 1):
-        line = line.removesuffix(b"\r")
-        if not line.strip():
-            continue
-        if len(line) > MAX_PATH_BYTES or b"\0" in line:
-            problem = f"is {len(line):,} bytes long (at most {MAX_PATH_BYTES})" if b"\0" not in line else "holds a NUL byte"
-            raise ConfigError(f"{name}: line {number} {problem}; expected one path per line")
-        if len(files) == MAX_LIST_LINES:
-            raise ConfigError(f"{name}: more than {MAX_LIST_LINES:,} paths; split the list")
-        files.append(os.fsdecode(line))
+    total = number = 0
+    try:
+        while raw := stream.readline((0 if number else len(UTF8_BOM)) + MAX_PATH_BYTES + 2):  # a path, "\r\n"
+            number, total = number + 1, total + len(raw)
+            if total > MAX_LIST_BYTES:
+                raise ConfigError(f"{name}: file list larger than {MAX_LIST_BYTES} bytes")
+            line = raw.removeprefix(UTF8_BOM) if number == 1 else raw  # a BOM, which Windows editors write
+            line = line.removesuffix(b"\n").removesuffix(b"\r")
+            if b"\0" in line or len(line) > MAX_PATH_BYTES:
+                problem = "holds a NUL byte" if b"\0" in line else f"is longer than {MAX_PATH_BYTES} bytes"
+                raise ConfigError(f"{name}: line {number} {problem}; expected one path per line")
+            if not line.strip():
+                continue
+            if len(files) == MAX_LIST_LINES:
+                raise ConfigError(f"{name}: more than {MAX_LIST_LINES:,} paths; split the list")
+            files.append(os.fsdecode(line))
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read the file list ({exc.strerror or exc})") from None
     return files
 
 

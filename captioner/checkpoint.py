@@ -55,12 +55,12 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
             _fsync(file)
         with _swap_lock(path):
             previous = path.parent / f".{path.name}.old-{os.getpid()}"
-            if path.exists():
+            if os.path.lexists(path):  # a link too (a cache entry may be one): moved aside, never followed
                 os.rename(path, previous)  # from here until the next rename, recover() restores it
             os.rename(temporary, path)
             _fsync(path.parent)
             for obsolete in path.parent.glob(f".{path.name}.old-*"):  # ours, and any a killed writer left behind
-                shutil.rmtree(obsolete, ignore_errors=True)
+                _remove(obsolete)
     except (OSError, SafetensorError) as exc:
         raise CheckpointError(f"{path}: checkpoint not saved ({_reason(exc)}); any previous one is kept") from None
     finally:
@@ -78,10 +78,16 @@ def remove_dead_writers(folder: Path, pattern: str) -> None:
     for stale in folder.glob(pattern):
         pid = stale.name.rpartition(".tmp-")[2].split("-")[0]
         if not (pid.isdigit() and _alive(int(pid))):
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
+            _remove(stale)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a link (not what it points to) or a folder; one another process removed is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _alive(pid: int) -> bool:

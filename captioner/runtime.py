@@ -25,10 +25,12 @@ EXAMPLES_DIR = ASSETS / "examples"
 
 def cache_dir(kind: str) -> Path:
     """This user's cache of ``kind`` (``"features"``, ``"onnx"``): under ``$CAPTIONER_CACHE_DIR`` if set, else
-    ``$XDG_CACHE_HOME/captioner``, else ``~/.cache/captioner``."""
+    ``$XDG_CACHE_HOME/captioner``, else ``~/.cache/captioner``. A relative ``$XDG_CACHE_HOME`` is ignored, as the
+    XDG spec says: it would put the cache in whatever folder the command runs in."""
     root = os.environ.get("CAPTIONER_CACHE_DIR")
     if not root:
-        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioner")
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        root = str((Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "captioner")
     return Path(root) / kind
 
 

@@ -22,6 +22,7 @@ from captioner.serve.evaluation import evaluate
 from captioner.models.captioner import BUNDLED_MODEL
 from captioner.models.onnx_engine import DECODER_INIT_ONNX, DECODER_STEP_ONNX, ENCODER_ONNX, FINGERPRINT_KEY, ONNX_FILES, weights_fingerprint
 from captioner.data.vocab import START_ID
+from captioner.runtime import cache_dir
 from conftest import need
 
 
@@ -336,6 +337,81 @@ def test_a_damaged_cache_entry_is_exported_again(exported, engines, test_images,
     model = Captioner.from_pretrained(exported, device="cpu", engine="onnx")
     assert model.caption(test_images[:2]) == engines[0].caption(test_images[:2])
     assert graph.is_file() and not graph.is_symlink() and graph.read_bytes() == clean
+
+
+def counting_exports(monkeypatch) -> list[int]:
+    """A list that grows by one at each export of graphs the engine makes from now on."""
+    exports: list[int] = []
+    export = onnx_engine.export_graphs
+    monkeypatch.setattr(onnx_engine, "export_graphs", lambda *args: exports.append(1) or export(*args))
+    return exports
+
+
+@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
+def test_a_cache_entry_that_is_a_link_is_exported_again_never_followed(exported, engines, test_images, session_cache,
+                                                                        tmp_path, monkeypatch):
+    """A link in the cache is no entry of ours, whatever its graphs' fingerprints say: its graphs never run."""
+    fingerprint = weights_fingerprint(engines[0].encoder, engines[0].decoder)
+    entry = session_cache / "onnx" / fingerprint
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(entry, elsewhere)
+    shutil.rmtree(entry)
+    entry.symlink_to(elsewhere)
+    exports = counting_exports(monkeypatch)
+    model = Captioner.from_pretrained(exported, device="cpu", engine="onnx")
+    assert model.caption(test_images[:2]) == engines[0].caption(test_images[:2])
+    assert exports == [1] and entry.is_dir() and not entry.is_symlink()  # exported again, the link replaced
+    assert sorted(p.name for p in elsewhere.iterdir()) == sorted(ONNX_FILES)  # what it pointed at left alone
+    assert not [p for p in entry.parent.iterdir() if p.is_symlink()]  # the link is gone, not set aside
+
+
+@pytest.mark.parametrize("failure", [MemoryError, pytest.param(OSError, marks=pytest.mark.slow)])  # an export each
+def test_a_cache_read_that_fails_costs_an_export_not_a_failure(exported, engines, test_images, monkeypatch, failure):
+    def fail(*args, **kwargs):
+        raise failure()
+
+    Captioner.from_pretrained(exported, device="cpu", engine="onnx")  # the entry is cached
+    monkeypatch.setattr(onnx_engine, "read_bounded", fail)
+    exports = counting_exports(monkeypatch)
+    model = Captioner.from_pretrained(exported, device="cpu", engine="onnx")
+    assert model.caption(test_images[:2]) == engines[0].caption(test_images[:2]) and exports == [1]
+
+
+LOADS_UNDER_A_MEMORY_LIMIT = """
+import re, resource, sys
+from pathlib import Path
+from captioner import Captioner
+from captioner.models import onnx_engine
+
+Captioner.from_pretrained(sys.argv[1], device="cpu", engine="onnx")  # exported into the cache, or read from it
+used = int(re.search(r"VmSize:\\s*(\\d+)", Path("/proc/self/status").read_text())[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (used + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+onnx_engine.export_graphs = None  # every later load must read the cache
+for _ in range(3):
+    Captioner.from_pretrained(sys.argv[1], device="cpu", engine="onnx")
+print("loaded")
+"""
+
+
+def test_cache_hits_fit_in_an_address_space_limit(tiny_model_dir):
+    """Each cached graph is read in a piece of its size: reading up to the 2 GiB bound reserved 2 GiB per graph, so
+    under ``ulimit -v`` (RLIMIT_AS) the first load worked and every later one died with a MemoryError."""
+    result = subprocess.run([sys.executable, "-c", LOADS_UNDER_A_MEMORY_LIMIT, str(tiny_model_dir)],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0 and result.stdout.split() == ["loaded"], result.stderr[-3000:]
+
+
+def test_the_cache_folder_ignores_a_relative_xdg_cache_home(tmp_path, monkeypatch):
+    """The XDG spec: a relative path there is invalid, and would put the cache in the working folder."""
+    monkeypatch.delenv("CAPTIONER_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    default = tmp_path / "home" / ".cache" / "captioner" / "onnx"
+    absolute = tmp_path / "xdg"
+    for xdg, folder in (("relative/cache", default), ("", default), (str(absolute), absolute / "captioner" / "onnx")):
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+        assert cache_dir("onnx") == folder, xdg
+    monkeypatch.setenv("CAPTIONER_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir("onnx") == tmp_path / "mine" / "onnx"
 
 
 @pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)

@@ -19,6 +19,7 @@ they compute, written atomically and bounded in size, so the export costs second
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import importlib.util
 import io
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checkpoint
+from ..bounds import read_bounded
 from ..data.vocab import START_ID
 from ..errors import CheckpointError, ConfigError
 from ..generation.search import State
@@ -289,37 +291,42 @@ def _private(folder: Path) -> bool:
 
 
 def _cached_graphs(folder: Path, fingerprint: str) -> dict[str, bytes] | None:
-    """The graphs cached for ``fingerprint``, or ``None`` when missing, incomplete or not as this module wrote them."""
-    entry = folder / fingerprint
-    if not _private(folder) or not entry.is_dir():
-        return None
-    graphs = {}
-    for name in ONNX_FILES:
-        data = _read_graph(entry / name)
-        if data is None or _fingerprint_of(data) != fingerprint:
-            log.info("ONNX graph cache %s: %s missing or damaged; exporting it again", entry, name)
-            return None
-        graphs[name] = data
-    os.utime(entry)  # recently used: evicted last
-    return graphs
+    """The graphs cached for ``fingerprint``, or ``None`` when missing, incomplete or not as this module wrote them.
 
-
-def _read_graph(path: Path) -> bytes | None:
-    """A regular file's bytes (not a link, at most ``MAX_GRAPH_BYTES``), or ``None``."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+    The entry and its graphs are opened without following links (a link is exported again, never read), the
+    graphs relative to the entry's open folder, so no rename meanwhile can put other files in their place.
+    """
+    if not _private(folder):
         return None
     try:
-        info = os.fstat(descriptor)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_GRAPH_BYTES:
-            return None
-        with os.fdopen(os.dup(descriptor), "rb") as handle:
-            return handle.read(MAX_GRAPH_BYTES + 1)
-    except OSError:
+        entry = os.open(folder / fingerprint, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:  # a link, a file: exported again, and the export replaces it
+            log.info("ONNX graph cache %s unusable (%s); exporting it again", folder / fingerprint,
+                     exc.strerror or exc)
         return None
+    try:
+        graphs = {}
+        for name in ONNX_FILES:
+            data = _read_graph(entry, name)
+            if data is None or _fingerprint_of(data) != fingerprint:
+                log.info("ONNX graph cache %s: %s missing or damaged; exporting it again", folder / fingerprint, name)
+                return None
+            graphs[name] = data
+        os.utime(entry)  # recently used: evicted last
+        return graphs
     finally:
-        os.close(descriptor)
+        os.close(entry)
+
+
+def _read_graph(entry: int, name: str) -> bytes | None:
+    """Graph file ``name`` of open cache folder ``entry``: a regular file's bytes (not a link, at most
+    ``MAX_GRAPH_BYTES``), or ``None``. A read that fails, memory included, makes the entry unusable: an export
+    costs a second, a failed load a whole process."""
+    try:
+        return read_bounded(name, MAX_GRAPH_BYTES, name, "graph", error=CheckpointError, follow=False, dir_fd=entry)
+    except (CheckpointError, MemoryError, OSError):
+        return None
 
 
 def _fingerprint_of(data: bytes) -> str | None:

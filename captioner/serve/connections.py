@@ -22,7 +22,7 @@ from collections.abc import Callable
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .limits import ServerLimits
+from .limits import ACCEPT_BURST, ServerLimits
 
 log = logging.getLogger(__name__)
 
@@ -99,4 +99,4 @@ def server_config(app, limits: ServerLimits, host: str, port: int,
     return uvicorn.Config(app, host=host, port=port, http=guarded_protocol(limits, on_refused), ws="none",
                           lifespan="on", timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]
                           timeout_graceful_shutdown=limits.shutdown_timeout_s,  # type: ignore[arg-type]
-                          backlog=min(2048, limits.connection_cap), log_config=None, access_log=False)
+                          backlog=ACCEPT_BURST, log_config=None, access_log=False)

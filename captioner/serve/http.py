@@ -33,6 +33,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel
 from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException  # what Starlette's own parsers raise
 from starlette.requests import ClientDisconnect
 
 from ..bounds import field_types, options_from_text
@@ -143,8 +144,8 @@ def api_app(service: Service, model_dir: str | None = None) -> FastAPI:
                   responses={400: {"model": Problem}, 408: {"model": Problem}, 413: {"model": Problem},
                              503: {"model": Problem}})
 
-    @app.exception_handler(HTTPException)
-    async def refused(request: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)
+    async def refused(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         reason = exc.reason if isinstance(exc, Refusal) else f"http {exc.status_code}"
         log.warning("refused a request (%d): %s", exc.status_code, exc.detail, extra={"cause": reason})
         metrics.refused(reason)
@@ -302,7 +303,7 @@ async def read_upload(body: BodyReader) -> tuple[bytes, str, list[tuple[str, str
         else:
             try:
                 form = await request.form(max_files=1, max_fields=len(fields(GenerationConfig)))
-            except HTTPException as exc:
+            except StarletteHTTPException as exc:
                 if isinstance(exc, Refusal):
                     raise
                 raise Refusal(400, f"multipart upload: {exc.detail}", "upload") from None

@@ -13,7 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -99,9 +101,8 @@ def test_headers_that_never_end_and_idle_connections_are_closed(tiny_model, phot
 
 
 def test_connections_past_the_cap_are_refused_at_once_and_logged_once(tiny_model, photos, caplog):
-    caplog.handler.addFilter(RepeatFilter(interval_s=60))  # as `captioner serve` filters its log's handlers
     limits = ServerLimits(max_connections=4, header_timeout_s=30)
-    with serving(tiny_model, BatchConfig(), limits=limits) as (url, _):
+    with filtered(caplog.handler, RepeatFilter(interval_s=60)), serving(tiny_model, BatchConfig(), limits=limits) as (url, _):
         held = [connect(url) for _ in range(4)]
         time.sleep(0.2)
         for _ in range(20):
@@ -114,6 +115,17 @@ def test_connections_past_the_cap_are_refused_at_once_and_logged_once(tiny_model
             sock.close()
         wait_for(lambda: _answers(f"{url}/v1/health"))
         assert post(url, photos[0]).status_code == 200
+
+
+@contextmanager
+def filtered(handler: logging.Handler, repeat: RepeatFilter) -> Iterator[None]:
+    """``repeat`` on ``handler`` (as `captioner serve` filters its log's handlers) for the block only: pytest keeps
+    caplog's handler for the whole session."""
+    handler.addFilter(repeat)
+    try:
+        yield
+    finally:
+        handler.removeFilter(repeat)
 
 
 def test_a_repeated_error_is_one_line_per_interval():

@@ -102,7 +102,8 @@ def test_headers_that_never_end_and_idle_connections_are_closed(tiny_model, phot
 
 def test_connections_past_the_cap_are_refused_at_once_and_logged_once(tiny_model, photos, caplog):
     limits = ServerLimits(max_connections=4, header_timeout_s=30)
-    with filtered(caplog.handler, RepeatFilter(interval_s=60)), serving(tiny_model, BatchConfig(), limits=limits) as (url, _):
+    with (filtered(caplog.handler, RepeatFilter(interval_s=60)),
+          serving(tiny_model, BatchConfig(), limits=limits) as (url, _)):
         held = [connect(url) for _ in range(4)]
         time.sleep(0.2)
         for _ in range(20):

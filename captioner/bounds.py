@@ -146,8 +146,8 @@ def from_dict(cls: type[T], data: object, what: str = "field", where: str = "",
     return cls(**check_options(cls, data, error, where, what))
 
 
-MAX_DIGITS = 30  # no bound of ours needs more; Python's int() refuses text of over 4,300 digits with a traceback
-_INTEGER = re.compile(rf"[+-]?[0-9]{{1,{MAX_DIGITS}}}")
+MAX_DIGITS = 30  # integers given as text: no bound of ours needs more
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
@@ -169,9 +169,10 @@ def options_from_text(cls: type, pairs: Iterable[tuple[str, str]], what: str = "
         if optional and text.strip().lower() in ("", "none", "null"):
             options[name] = None
         elif kind is int and _INTEGER.fullmatch(text.strip()):
+            digits = len(text.strip().lstrip("+-"))
+            if digits > MAX_DIGITS:  # checked before int(), which refuses over 4,300 digits with a traceback
+                raise error(f"{name} must be an integer of at most {MAX_DIGITS} digits, not one of {digits:,}")
             options[name] = int(text)
-        elif kind is int and re.fullmatch(r"[+-]?[0-9]+", text.strip()):  # checked before int(), which refuses 4,300
-            raise error(f"{name} must be an integer of at most {MAX_DIGITS} digits, not one of {len(text.strip()):,}")
         elif kind is bool and text.strip().lower() in _BOOLEANS:
             options[name] = _BOOLEANS[text.strip().lower()]
         elif kind is float and _is_number(text):

@@ -412,7 +412,8 @@ def _serve_parser(sub) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     batching = _server_arguments(args)
-    from .serve.http import Access, serve
+    from .serve.access import Access
+    from .serve.http import serve
     from .serve.limits import ServerLimits
 
     limits = ServerLimits(**explicit_options(args, ServerLimits))

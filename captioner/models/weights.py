@@ -196,7 +196,6 @@ def _sha256(handle: BinaryIO) -> str:
     return digest.hexdigest()
 
 
-
 def _load_state_dict(handle: BinaryIO, path: Path) -> dict:
     """Tensors only: safetensors, or torch's restricted ``weights_only`` unpickler for ``.pth``. A file of another
     kind (JSON, a pickled model) is one line saying what was expected: torch's own message is several lines

@@ -2,7 +2,8 @@
 
 A server bound beyond loopback is reachable by anyone on the network, so :func:`api_key_from` reads a key
 (``--api-key-file FILE`` or ``$CAPTIONER_API_KEY``) and :class:`AccessGuard` answers 401 to a request without
-``Authorization: Bearer <key>``, comparing in constant time; ``/v1/health`` stays open for load balancers. On a
+``Authorization: Bearer <key>``, comparing in constant time; ``/v1/health`` stays open for load balancers.
+:class:`Access` refuses to serve such an address without a key unless ``--no-auth`` says so. On a
 loopback bind a web page the user visits can still reach the server through DNS rebinding (its own host name
 resolved to 127.0.0.1), so there a request whose ``Host`` is not a loopback name is refused. Both answer
 before the body is read.
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..bounds import read_bounded
 from ..errors import ConfigError
@@ -94,3 +96,25 @@ class AccessGuard:
             headers.append((b"www-authenticate", b"Bearer"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may call the server: ``api_key`` (``None``: anyone), and whether a network bind without one was
+    asked for on purpose (``--no-auth``)."""
+
+    api_key: str | None = None
+    no_auth: bool = False
+
+    @classmethod
+    def from_options(cls, api_key_file: str | None, no_auth: bool) -> "Access":
+        key = api_key_from(api_key_file)
+        if key is not None and no_auth:
+            raise ConfigError("--no-auth and an API key (--api-key-file or $CAPTIONER_API_KEY) contradict each other")
+        return cls(key, no_auth)
+
+    def check(self, host: str) -> None:
+        """Refuse, with one line, to serve a network address with no key unless ``--no-auth`` says so."""
+        if self.api_key is None and not self.no_auth and not is_loopback(host):
+            raise ConfigError(f"--host {host} is reachable from the network and no API key is set: give "
+                              "--api-key-file FILE (or $CAPTIONER_API_KEY), or --no-auth to serve anyone")

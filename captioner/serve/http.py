@@ -38,13 +38,13 @@ from starlette.requests import ClientDisconnect
 
 from ..bounds import field_types, options_from_text
 from ..data.images import describe
-from ..errors import BusyError, CaptionerError, ConfigError
+from ..errors import BusyError, CaptionerError
 from ..generation.config import GenerationConfig
 from ..models.captioner import Captioner
 from ..models.onnx_engine import ENGINE_NAMES
 from ..runtime import BUNDLED_MODEL_CARD
 from . import logs
-from .access import AccessGuard, api_key_from, is_loopback
+from .access import Access, AccessGuard, is_loopback
 from .batcher import BatchConfig, Batcher, missed_deadline
 from .connections import server_config
 from .decode_pool import PHOTO_FORMATS, DecodePool
@@ -214,7 +214,7 @@ def api_app(service: Service, model_dir: str | None = None) -> FastAPI:
     async def prometheus() -> Response:
         """Counters in Prometheus's text format: requests by route and status, latency, batch sizes, queue
         depth, decode workers busy, refusals by reason."""
-        return Response(metrics.exposition(), media_type=metrics.content_type)
+        return metrics_answer(metrics)
 
     return app
 
@@ -229,6 +229,10 @@ async def caption_upload(service: Service, image: bytes, config: GenerationConfi
     future = service.batcher.submit(pixels, config)
     result = await asyncio.wait_for(asyncio.wrap_future(future), max(0.0, deadline - decoded))
     return result, decoded
+
+
+def metrics_answer(metrics: Metrics) -> Response:
+    return Response(metrics.exposition(), media_type=metrics.content_type)
 
 
 def busy(in_flight: int) -> Refusal:
@@ -407,31 +411,9 @@ def standalone_app(service: Service, model_dir: str | None = None) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
-        return Response(service.metrics.exposition(), media_type=service.metrics.content_type)
+        return metrics_answer(service.metrics)
 
     return app
-
-
-@dataclass(frozen=True)
-class Access:
-    """Who may call the server: ``api_key`` (``None``: anyone), and whether a network bind without one was
-    asked for on purpose (``--no-auth``)."""
-
-    api_key: str | None = None
-    no_auth: bool = False
-
-    @classmethod
-    def from_options(cls, api_key_file: str | None, no_auth: bool) -> "Access":
-        key = api_key_from(api_key_file)
-        if key is not None and no_auth:
-            raise ConfigError("--no-auth and an API key (--api-key-file or $CAPTIONER_API_KEY) contradict each other")
-        return cls(key, no_auth)
-
-    def check(self, host: str) -> None:
-        """Refuse, with one line, to serve a network address with no key unless ``--no-auth`` says so."""
-        if self.api_key is None and not self.no_auth and not is_loopback(host):
-            raise ConfigError(f"--host {host} is reachable from the network and no API key is set: give "
-                              "--api-key-file FILE (or $CAPTIONER_API_KEY), or --no-auth to serve anyone")
 
 
 def serve(model_dir: str | None = None, host: str | None = None, port: int | None = None, device: str = "auto",

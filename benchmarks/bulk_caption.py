@@ -5,7 +5,7 @@
 For 1,000 Flickr8k photos (224 x 224) and for the 80 full-size COCO photos of ../shared/data/coco-sample
 repeated to about 300, in one run: today's path (before bulk captioning: each image loaded in the main
 process, then one encode and decode per batch, as ``captioner caption`` did) and the bulk pipeline
-(:func:`captioner.serve.bulk.caption_files` writing JSONL, labels included, its model loaded as ``captioner caption``
+(:func:`captioner.bulk.captioning.caption_files` writing JSONL, labels included, its model loaded as ``captioner caption``
 loads it: ONNX Runtime on half the cores per stage) at each ``--workers`` count.
 Files are read once beforehand so every path finds them in the page cache. With ``--rounds N`` the paths
 take turns N times and each keeps its best round, so a busy neighbour slows them alike. Checks that every
@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from captioner import Captioner  # noqa: E402
-from captioner.serve.jsonl import JsonlFile
-from captioner.serve.bulk import caption_files  # noqa: E402
+from captioner.bulk.jsonl import JsonlFile
+from captioner.bulk.captioning import caption_files  # noqa: E402
 from captioner.runtime import BUNDLED_MODEL, stage_threads  # noqa: E402
 from conftest import find_shared_data  # noqa: E402
 

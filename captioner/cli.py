@@ -190,9 +190,9 @@ def _caption_parser(sub) -> None:
 def _caption(args: argparse.Namespace) -> int:
     from .models.captioner import Captioner
     from .runtime import stage_threads
-    from .serve.bulk import caption_files, rank_device
-    from .serve.inputs import Shard, check_workers, collect_inputs, this_share
-    from .serve.jsonl import open_output
+    from .bulk.captioning import caption_files, rank_device
+    from .bulk.inputs import Shard, check_workers, collect_inputs, this_share
+    from .bulk.jsonl import open_output
 
     options = _decoding_arguments(args)
     shard = Shard.parse(args.shard) if args.shard is not None else Shard()
@@ -227,8 +227,8 @@ def _merge_parser(sub) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .serve.inputs import collect_inputs
-    from .serve.merge import default_parts, merge
+    from .bulk.inputs import collect_inputs
+    from .bulk.merge import default_parts, merge
 
     out = Path(args.out)
     merge(collect_inputs(args.paths, args.files_from), [Path(p) for p in args.parts] if args.parts else default_parts(out),
@@ -252,8 +252,8 @@ def _evaluate_parser(sub) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import check_output_file, write_atomically
-    from .serve.evaluation import evaluate
-    from .serve.inputs import check_workers
+    from .bulk.evaluation import evaluate
+    from .bulk.inputs import check_workers
 
     options, num_workers = _decoding_arguments(args), check_workers(args.num_workers)
     # The output files are checked now, not when the split has been captioned and scored.

@@ -20,10 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.serve.inputs import MAX_PATH_BYTES, Shard, collect_inputs, read_file_list
-from captioner.serve.jsonl import RECORD_START, JsonlFile, StandardOutput
-from captioner.serve.bulk import caption_files, caption_records
-from captioner.serve.merge import default_parts, merge
+from captioner.bulk.inputs import MAX_PATH_BYTES, Shard, collect_inputs, read_file_list
+from captioner.bulk.jsonl import RECORD_START, JsonlFile, StandardOutput
+from captioner.bulk.captioning import caption_files, caption_records
+from captioner.bulk.merge import default_parts, merge
 from captioner.cli import main
 from captioner.models.encoder import Encoder
 from captioner.errors import ConfigError, DataError, OutputError
@@ -153,7 +153,7 @@ def test_one_unfinished_line_alone_is_not_a_torn_record_of_ours(tmp_path, conten
 @pytest.mark.slow
 def test_one_writer_at_a_time_and_a_killed_one_holds_nothing(tmp_path):
     out = tmp_path / "captions.jsonl"
-    hold = "import sys, time; from pathlib import Path; from captioner.serve.jsonl import JsonlFile; " \
+    hold = "import sys, time; from pathlib import Path; from captioner.bulk.jsonl import JsonlFile; " \
            "writer = JsonlFile(Path(sys.argv[1])); print('holding', flush=True); time.sleep(600)"
     holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -171,7 +171,7 @@ def test_the_lock_survives_other_descriptors_of_the_file_and_ends_with_its_proce
     """Closing another descriptor of --out (the image loader opening it as an input did) keeps the lock, and a
     forked child (a loader worker) still alive when the holder is killed does not keep it."""
     out = tmp_path / "captions.jsonl"
-    hold = ("import os, sys, time; from pathlib import Path; from captioner.serve.jsonl import JsonlFile; "
+    hold = ("import os, sys, time; from pathlib import Path; from captioner.bulk.jsonl import JsonlFile; "
             "writer = JsonlFile(Path(sys.argv[1])); open(sys.argv[1], 'rb').close(); child = os.fork(); "
             "child or time.sleep(600); print(child, flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)

@@ -498,7 +498,7 @@ def test_files_from_a_device_is_refused_unread():
     """/dev/zero as the list once grew to 2.8 GB before being refused; now it is refused before any read."""
     peak = peak_memory_mb(
         "from captioner import ConfigError\n"
-        "from captioner.serve.inputs import read_file_list\n"
+        "from captioner.bulk.inputs import read_file_list\n"
         "try:\n"
         "    read_file_list('/dev/zero')\n"
         "except ConfigError as error:\n"
@@ -584,7 +584,7 @@ RESULT = {"metrics": {"BLEU-4": 0.25, "images": 2, "engine": "torch"},
 
 
 def test_evaluate_creates_missing_folders_and_writes_whole_files(evaluate_in_process, tmp_path, monkeypatch):
-    monkeypatch.setattr("captioner.serve.evaluation.evaluate", lambda *args, **kwargs: RESULT)
+    monkeypatch.setattr("captioner.bulk.evaluation.evaluate", lambda *args, **kwargs: RESULT)
     out, predictions = tmp_path / "new" / "deeper" / "metrics.json", tmp_path / "other" / "predictions.json"
     code, stdout, err = evaluate_in_process("--out", str(out), "--predictions", str(predictions))
     assert (code, err) == (0, "") and "BLEU-4  0.2500" in stdout
@@ -594,7 +594,7 @@ def test_evaluate_creates_missing_folders_and_writes_whole_files(evaluate_in_pro
 
 
 def test_evaluate_write_failure_is_one_line_and_keeps_the_previous_file(evaluate_in_process, tmp_path, monkeypatch):
-    monkeypatch.setattr("captioner.serve.evaluation.evaluate", lambda *args, **kwargs: RESULT)
+    monkeypatch.setattr("captioner.bulk.evaluation.evaluate", lambda *args, **kwargs: RESULT)
     out = tmp_path / "metrics.json"
     out.write_text('{"BLEU-4": 0.1}\n')
 

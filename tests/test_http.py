@@ -332,7 +332,7 @@ def test_seeded_samples_equal_captioners_in_a_batch(tiny_model, photos):
         for photo, future in zip(photos, futures):
             result = future.result(timeout=30)
             assert result.timing.batch == 3
-            assert [c.text for c in result.captions] == [c["text"] for c in expected(
+            assert [c.text for c in result.prediction.captions] == [c["text"] for c in expected(
                 tiny_model, photo, strategy="sample", seed=7, num_return_sequences=2)]
     finally:
         batcher.close()
@@ -349,7 +349,7 @@ def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on(tiny_model, p
             with pytest.raises(ImageError, match="not an image"):
                 batcher.submit(b"not an image", config).result(timeout=30)
         assert "captioning a batch of 1 failed" in caplog.text
-        assert batcher.caption(photos[0], config).captions[0].text == tiny_model.caption(photos[0])
+        assert batcher.caption(photos[0], config).prediction.captions[0].text == tiny_model.caption(photos[0])
     finally:
         batcher.close()
 

@@ -1,7 +1,7 @@
 """The package's design as import rules: subpackages stack in layers, and nothing below imports from above.
 
     entry        cli, __init__, __main__           may import anything
-    train  serve                                   neither imports the other; only the entry imports serve
+    train  bulk  serve                             none imports another; only the entry imports bulk and serve
     models       encoder, decoder, Captioner       never imports train or serve
     generation   config, search                    works on any step decoder: never imports models
     data         images, vocab, annotations, loader
@@ -25,6 +25,7 @@ MAY_IMPORT = {
     "generation": {"foundation", "data"},
     "models": {"foundation", "data", "generation"},
     "train": {"foundation", "data", "generation", "models"},
+    "bulk": {"foundation", "data", "generation", "models"},
     "serve": {"foundation", "data", "generation", "models"},
 }
 SUBPACKAGES = set(MAY_IMPORT) - {"foundation"}
@@ -99,10 +100,11 @@ def test_foundation_modules_import_only_lower_foundation_modules():
     assert not upward, upward
 
 
-def test_only_the_entry_imports_serve():
-    importers = [name for name, path in modules().items() if group_of(name) not in ("entry", "serve")
-                 and any(group_of(target) == "serve" for target in imports_of(name, path))]
-    assert not importers, importers
+def test_only_the_entry_imports_bulk_and_serve():
+    for front in ("bulk", "serve"):
+        importers = [name for name, path in modules().items() if group_of(name) not in ("entry", front)
+                     and any(group_of(target) == front for target in imports_of(name, path))]
+        assert not importers, f"{front} imported by {importers}"
 
 
 def test_modules_within_a_subpackage_import_each_other_without_cycles():

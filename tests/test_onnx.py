@@ -18,7 +18,7 @@ from captioner.models import onnx_engine
 from captioner.cli import main
 from captioner.data.annotations import load_captions
 from captioner.errors import CheckpointError, ConfigError, OutputError
-from captioner.serve.evaluation import evaluate
+from captioner.bulk.evaluation import evaluate
 from captioner.models.captioner import BUNDLED_MODEL
 from captioner.models.onnx_engine import DECODER_INIT_ONNX, DECODER_STEP_ONNX, ENCODER_ONNX, FINGERPRINT_KEY, ONNX_FILES, weights_fingerprint
 from captioner.data.vocab import START_ID

@@ -1,10 +1,9 @@
-"""Using a trained captioner on many photos and people's: bulk captioning, evaluation, the Gradio demo and the
-HTTP API.
+"""Serving people and programs online: the Gradio demo and the HTTP API, both over one micro-batching worker.
 
-Bulk captioning is split along its stages: ``inputs`` (paths, folders, file lists, shards), ``jsonl``
-(the output format, its resume scan and writers), ``bulk`` (the batched load-encode-decode pipeline)
-and ``merge`` (joining the parts of a sharded run). ``evaluation`` scores captions against references
-through the same pipeline, and ``webapp`` is the demo. ``http`` serves captions as JSON (``captioner serve``,
-and beside the demo) through ``batcher``, which decodes concurrent requests together. It builds on ``models``
-and never on ``train``; only the command line imports it.
+``batcher`` decodes concurrent requests together on one worker thread; ``http`` is the JSON API (``captioner
+serve``, and beside the demo) and ``webapp`` the demo. What guards a server from its clients lives apart:
+``limits`` (the bounds per connection, upload and decode), ``connections`` (uvicorn's protocol with a connection
+cap and header deadline), ``decode_pool`` (uploads decoded in worker processes bounded in time and memory),
+``access`` (API key and Host checks), ``metrics`` (Prometheus counters) and ``logs`` (a repeated warning logged
+once per interval). It builds on ``models`` and never on ``train`` or ``bulk``; only the command line imports it.
 """

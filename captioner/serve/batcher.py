@@ -32,11 +32,10 @@ from ..bounds import check_fields, option
 from ..data.images import ImageInput
 from ..errors import BusyError, CaptionerError, ConfigError
 from ..generation.config import GenerationConfig
-from ..generation.search import Caption
 from ..models.captioner import Captioner
+from ..models.pipeline import CaptionPipeline, Prediction
 
 log = logging.getLogger(__name__)
-TOP_LABELS = 5
 POLL_SECONDS = 0.25  # how often an idle worker looks whether it should stop
 
 
@@ -66,10 +65,9 @@ class Timing:
 
 @dataclass
 class Result:
-    """One request's answer: its captions (most likely first), the CNN's top ImageNet labels, the timing."""
+    """One request's answer: its captions (most likely first) with the CNN's top ImageNet labels, and the timing."""
 
-    captions: list[Caption]
-    labels: list[tuple[str, float]]
+    prediction: Prediction
     timing: Timing
 
 
@@ -87,6 +85,7 @@ class Batcher:
 
     def __init__(self, model: Captioner, config: BatchConfig | None = None):
         self.model, self.config = model, config or BatchConfig()
+        self.pipeline = CaptionPipeline(model)
         self.on_batch: Callable[[int], None] = lambda size: None  # told each batch's size (the server's metrics)
         self._queue: queue.Queue[Request] = queue.Queue(self.config.max_queue)
         self._stop = threading.Event()
@@ -139,7 +138,7 @@ class Batcher:
             batch = self._collect()
             if batch:
                 self.on_batch(len(batch))
-                caption_batch(self.model, batch)
+                caption_batch(self.pipeline, batch)
 
     def _collect(self) -> list[Request]:
         """The next batch: the first waiting request and those arriving within the window, unexpired, uncancelled."""
@@ -172,13 +171,13 @@ def caption_now(model: Captioner, image: ImageInput, config: GenerationConfig) -
     """One image's :class:`Result` computed in this thread, as the worker computes a batch of one."""
     request = Request(image, config, deadline=float("inf"))
     request.future.set_running_or_notify_cancel()
-    caption_batch(model, [request])
+    caption_batch(CaptionPipeline(model), [request])
     return request.future.result()
 
 
-@torch.inference_mode()
-def caption_batch(model: Captioner, batch: list[Request]) -> None:
-    """Resolve every request's future: each image loaded on its own, one CNN pass, one search per config.
+def caption_batch(pipeline: CaptionPipeline, batch: list[Request]) -> None:
+    """Resolve every request's future through the pipeline: each image preprocessed on its own, one CNN pass, one
+    search per config.
 
     An unreadable image fails its own future with its :class:`ImageError`; anything unexpected (a bug, out of
     memory) fails the futures still unresolved, logged once, and the worker goes on with the next batch.
@@ -188,28 +187,25 @@ def caption_batch(model: Captioner, batch: list[Request]) -> None:
         readable, pixels = [], []
         for request in batch:
             try:
-                image = request.image
-                pixels.append(image if isinstance(image, torch.Tensor) else model.encoder.pixels(image))
+                pixels.append(pipeline.preprocess(request.image))
                 readable.append(request)
             except CaptionerError as exc:
                 request.future.set_exception(exc)
         if not readable:
             return
-        features = model.encode_pixels(torch.stack(pixels))
-        labels = model.encoder.classify(features, TOP_LABELS)
+        features = pipeline.encode(torch.stack(pixels))
         encoded = time.perf_counter()
         groups: dict[Hashable, list[int]] = {}
         for index, request in enumerate(readable):
             groups.setdefault(_group(request, index), []).append(index)
         for indices in groups.values():
             begin = time.perf_counter()
-            config = readable[indices[0]].config
-            found = model.generate(features[indices], config, batch_size=len(indices))
+            predictions = pipeline.decode(features[indices], readable[indices[0]].config)
             decoder = time.perf_counter() - begin
-            for index, captions in zip(indices, found):
+            for index, prediction in zip(indices, predictions):
                 request = readable[index]
                 timing = Timing(started - request.submitted, encoded - started, decoder, len(batch))
-                request.future.set_result(Result(captions, labels[index], timing))
+                request.future.set_result(Result(prediction, timing))
     except Exception as exc:  # noqa: BLE001 - every caller must get an answer, and the worker must live on
         unanswered = [request.future for request in batch if not request.future.done()]
         if not isinstance(exc, CaptionerError):

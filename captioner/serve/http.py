@@ -41,6 +41,7 @@ from ..data.images import describe
 from ..errors import BusyError, CaptionerError
 from ..generation.config import GenerationConfig
 from ..models.captioner import Captioner
+from ..models.pipeline import CaptionPipeline
 from ..models.onnx_engine import ENGINE_NAMES
 from ..runtime import BUNDLED_MODEL_CARD
 from . import logs
@@ -48,7 +49,6 @@ from .access import Access, AccessGuard, is_loopback
 from .batcher import BatchConfig, Batcher, missed_deadline
 from .connections import server_config
 from .decode_pool import PHOTO_FORMATS, DecodePool
-from .jsonl import caption_fields
 from .limits import MAX_BODY_BYTES, MIN_BODY_RATE, ServerLimits
 from .metrics import Metrics
 
@@ -191,7 +191,7 @@ def api_app(service: Service, model_dir: str | None = None) -> FastAPI:
         finally:
             body.release()
         timing = result.timing
-        return {"model": name, **caption_fields(result.captions, result.labels),
+        return {"model": name, **CaptionPipeline.postprocess(result.prediction),
                 "timing": {"total_ms": _ms(time.perf_counter() - started), "decode_ms": _ms(decoded),
                            "queued_ms": _ms(timing.queued), "encoder_ms": _ms(timing.encoder),
                            "decoder_ms": _ms(timing.decoder), "batch_size": timing.batch}}

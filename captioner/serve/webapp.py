@@ -31,7 +31,8 @@ from ..errors import CaptionerError, ConfigError  # noqa: E402
 from ..models.captioner import Captioner  # noqa: E402
 from ..models.onnx_engine import ENGINE_NAMES  # noqa: E402
 from ..runtime import BUNDLED_MODEL_CARD, EXAMPLES_DIR  # noqa: E402
-from .batcher import TOP_LABELS, BatchConfig, Batcher, caption_now  # noqa: E402
+from ..models.pipeline import TOP_LABELS  # noqa: E402
+from .batcher import BatchConfig, Batcher, caption_now  # noqa: E402
 from .http import MAX_BODY_BYTES, mounted_beside  # noqa: E402
 
 CONCURRENCY_LIMIT = 2  # requests decoded at once without a batcher; with one, a batch's worth
@@ -108,7 +109,7 @@ def caption_photo(model: Captioner, image: str | None, strategy: str | None = "B
         raise user_error(str(exc).replace(str(image), Path(image).name).replace(os.getcwd(), ".")) from None
     # Shares of the n-best mass and per-word probabilities: numbers a person can read, unlike a whole
     # caption's probability (about 1e-5). Rows are ordered by share, the order of the model's likelihood.
-    captions, took = result.captions, result.timing
+    captions, took = result.prediction.captions, result.timing
     top = max(c.log_prob for c in captions)
     mass = [math.exp(c.log_prob - top) for c in captions]
     ranked = sorted(zip(captions, mass), key=lambda pair: -pair[1])
@@ -121,7 +122,7 @@ def caption_photo(model: Captioner, image: str | None, strategy: str | None = "B
     timing = (f"{(took.encoder + took.decoder) * 1000:.0f} ms: encoder {took.encoder * 1000:.0f} ms, "
               f"decoder {took.decoder * 1000:.0f} ms ({search}, {model.encoder.config.name}, "
               f"{model.device.type}, {ENGINE_NAMES[model.engine]}{batched})")
-    return PhotoResult(best.text, rows, words, dict(result.labels), timing)
+    return PhotoResult(best.text, rows, words, dict(result.prediction.labels or []), timing)
 
 
 def user_error(message: str) -> gr.Error:

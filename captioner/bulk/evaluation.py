@@ -13,7 +13,7 @@ from ..errors import ImageError
 from ..metrics import ALL_METRICS, score_captions
 from ..models.captioner import Captioner
 from ..runtime import stage_threads
-from .bulk import caption_records
+from .captioning import caption_records
 
 
 def evaluate(images: str | os.PathLike, captions: str | os.PathLike, model: Captioner | str | None = None,
@@ -24,7 +24,7 @@ def evaluate(images: str | os.PathLike, captions: str | os.PathLike, model: Capt
     ``model`` is a loaded :class:`Captioner`, a checkpoint directory, or ``None`` for the bundled
     model (run by ``engine``, see :meth:`Captioner.from_pretrained`); ``options`` are decoding options
     (``beam_size=5``...). Images are loaded in ``num_workers`` processes, as by ``captioner caption``
-    (:func:`captioner.serve.bulk.caption_records`); one that cannot be read is an :class:`ImageError`, a killed
+    (:func:`captioner.bulk.captioning.caption_records`); one that cannot be read is an :class:`ImageError`, a killed
     loader process a :class:`LoaderError`.
     """
     if not isinstance(model, Captioner):

@@ -18,7 +18,6 @@ from typing import BinaryIO, NamedTuple, Protocol
 from ..checkpoint import check_writable
 from ..distributed import launched_rank
 from ..errors import ConfigError, OutputError
-from ..generation.search import Caption
 
 log = logging.getLogger(__name__)
 MAX_RECORD_BYTES = 1 << 20  # one JSON line; ours are a few KB even with 64 captions
@@ -73,20 +72,6 @@ def _parse_record(line: bytes) -> dict | None:
     ok = (isinstance(record, dict) and isinstance(record.get("file"), str)
           and (isinstance(record.get("captions"), list) or isinstance(record.get("error"), str)))
     return record if ok else None
-
-
-def caption_record(file: str, captions: list[Caption], labels: list[tuple[str, float]] | None) -> dict:
-    """A file's record: its captions (text, log_prob, score) and, when given, the CNN's labels."""
-    return {"file": file, **caption_fields(captions, labels)}
-
-
-def caption_fields(captions: list[Caption], labels: list[tuple[str, float]] | None) -> dict:
-    """An image's captions and labels as JSON, the same in the JSON-lines records and the HTTP API's answers."""
-    fields: dict = {"captions": [{"text": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4)}
-                                 for c in captions]}
-    if labels is not None:
-        fields["labels"] = [{"label": label, "probability": p} for label, p in labels]
-    return fields
 
 
 class Writer(Protocol):

@@ -45,12 +45,12 @@ from ..data.loader import ImageBatch, image_batches, loader_deaths
 from ..distributed import launched_rank
 from ..generation.config import GenerationConfig
 from ..models.captioner import Captioner
+from ..models.pipeline import CaptionPipeline
 from ..runtime import stage_threads, torch_threads
 from .inputs import without_outputs
-from .jsonl import Writer, caption_record
+from .jsonl import Writer
 
 log = logging.getLogger(__name__)
-TOP_LABELS = 5
 
 
 def rank_device(device: str) -> str:
@@ -72,24 +72,24 @@ def caption_records(model: Captioner, files: Sequence[str], config: GenerationCo
     search's overlap (both release the GIL); PyTorch computes on half the cores meanwhile
     (:func:`stage_threads`), as should ONNX Runtime (``Captioner.from_pretrained(num_threads=)``).
     """
-    pin = model.device.type == "cuda"
+    pipeline, pin = CaptionPipeline(model, labels), model.device.type == "cuda"
     with torch_threads(stage_threads()):
-        for batch, features in _encoded_ahead(model, image_batches(model.encoder.pixels, files, batch_size,
-                                                                   num_workers, pin_memory=pin)):
+        for batch, features in _encoded_ahead(pipeline, image_batches(pipeline.preprocess, files, batch_size,
+                                                                      num_workers, pin_memory=pin)):
             records = {index: {"file": files[index], "error": reason} for index, reason in batch.failures.items()}
             if features is not None:
-                readable = [files[index] for index in batch.indices]
-                records.update(zip(batch.indices, _caption_batch(model, readable, features, config, batch_size,
-                                                                 labels)))
+                predictions = pipeline.decode(features, config)
+                records.update((index, {"file": files[index], **pipeline.postprocess(prediction)})
+                               for index, prediction in zip(batch.indices, predictions))
             yield [records[index] for index in sorted(records)]
 
 
-def _encoded_ahead(model: Captioner, batches: Iterable[ImageBatch]) -> Iterator[tuple[ImageBatch, torch.Tensor | None]]:
+def _encoded_ahead(pipeline: CaptionPipeline, batches: Iterable[ImageBatch]) -> Iterator[tuple[ImageBatch,
+                                                                                               torch.Tensor | None]]:
     """Each batch with its features, the next batch's being computed on a thread meanwhile (one batch ahead)."""
 
-    @torch.inference_mode()
     def encode(batch: ImageBatch) -> torch.Tensor | None:
-        return None if batch.pixels is None else model.encode_pixels(batch.pixels)
+        return None if batch.pixels is None else pipeline.encode(batch.pixels)
 
     with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
         pending: tuple[ImageBatch, Future] | None = None
@@ -100,15 +100,6 @@ def _encoded_ahead(model: Captioner, batches: Iterable[ImageBatch]) -> Iterator[
             pending = submitted
         if pending is not None:
             yield pending[0], pending[1].result()
-
-
-@torch.inference_mode()
-def _caption_batch(model: Captioner, files: list[str], features: torch.Tensor, config: GenerationConfig,
-                   batch_size: int, labels: bool) -> list[dict]:
-    """The records of a batch's readable images: one decode and, with ``labels``, one classification."""
-    found = model.generate(features, config, batch_size=batch_size)
-    tops: list = model.encoder.classify(features, TOP_LABELS) if labels else [None] * len(found)
-    return [caption_record(file, captions, top) for file, captions, top in zip(files, found, tops)]
 
 
 @dataclass

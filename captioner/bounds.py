@@ -1,8 +1,10 @@
 """Strict checks of values that come from outside (options, config files, checkpoints).
 
-Every option dataclass declares its bounds once, in its fields' metadata (``range=(low, high)``,
-``choices=(...)``); :func:`check_fields` enforces them together with the field's declared type, so a
-value is checked where it enters and nowhere else. Types are strict: ``True`` is not an ``int``,
+Every option dataclass declares each option once, in its field: type (the annotation), default, help text and
+bounds (``range=(low, high)``, inclusive unless ``open="low"``, ``"high"`` or ``"both"``; ``choices=(...)``). That
+one declaration drives everything: :func:`check_fields` enforces it with the declared type where a value enters,
+:func:`options_from_text` parses URL queries and forms to those types, the CLI's flags and their help are made
+from it (``cli.add_dataclass_options``), and :func:`json_schema` gives the HTTP API's OpenAPI parameters. Types are strict: ``True`` is not an ``int``,
 ``"3"`` is not a number, ``2.5`` is not an ``int``; an ``int`` is accepted where a ``float`` is
 declared. Floats must be finite.
 """
@@ -19,7 +21,7 @@ import stat
 import types
 import typing
 from collections.abc import Iterable
-from dataclasses import field, fields
+from dataclasses import MISSING, field, fields
 from typing import Any, BinaryIO, TypeVar
 
 from .errors import CaptionerError, ConfigError
@@ -57,8 +59,13 @@ def field_types(cls: type) -> dict[str, tuple[type, bool]]:
     return types_
 
 
+OPEN_ENDS = ("low", "high", "both")
+
+
 def option(default: Any, help: str = "", **metadata: Any):
-    """A dataclass field carrying its help text and bounds (``range``, ``choices``)."""
+    """A dataclass field carrying its help text and bounds (``range``, its ``open`` ends, ``choices``)."""
+    if metadata.get("open") not in (None, *OPEN_ENDS):
+        raise TypeError(f"open must be one of {OPEN_ENDS}, not {metadata['open']!r}")
     return field(default=default, metadata={"help": help, **metadata})
 
 
@@ -71,9 +78,10 @@ def option_like(cls: type, name: str, help: str = "") -> Any:
 
 
 def check_value(name: str, value: Any, kind: type, range: tuple | None = None, choices: tuple | None = None,
-                error: type[CaptionerError] = ConfigError, where: str = "", optional: bool = False) -> Any:
+                error: type[CaptionerError] = ConfigError, where: str = "", optional: bool = False,
+                open: str | None = None) -> Any:
     """``value`` if it is of ``kind`` (``int``, ``float``, ``str`` or ``bool``; or ``None`` when ``optional``)
-    and within ``range`` (inclusive) or ``choices``; otherwise ``error``."""
+    and within ``range`` (inclusive but at its ``open`` ends) or ``choices``; otherwise ``error``."""
     prefix = f"{where}: " if where else ""
     if value is None and optional:
         return None
@@ -91,9 +99,55 @@ def check_value(name: str, value: Any, kind: type, range: tuple | None = None, c
         raise error(f"{prefix}{name} must be one of {', '.join(map(str, choices))}, not {_show(value)}")
     if range is not None:
         low, high = range
-        if not low <= value <= high:
-            raise error(f"{prefix}{name} must be between {low} and {high}, not {_show(value)}")
+        above = value > low if open in ("low", "both") else value >= low
+        below = value < high if open in ("high", "both") else value <= high
+        if not (above and below):
+            raise error(f"{prefix}{name} must be {describe_range(range, open)}, not {_show(value)}")
     return float(value) if kind is float else value
+
+
+def describe_range(range: tuple, open: str | None = None) -> str:
+    """``"between 1 and 64"``, or with an open end ``"above 0 and at most 1"``: the words of errors and help."""
+    low, high = range
+    if open is None:
+        return f"between {low} and {high}"
+    lower = f"above {low}" if open in ("low", "both") else f"at least {low}"
+    upper = f"below {high}" if open in ("high", "both") else f"at most {high}"
+    return f"{lower} and {upper}"
+
+
+def _field_bounds(item) -> dict[str, Any]:
+    """A field's bounds as :func:`check_value`'s keywords, from its metadata."""
+    return {key: item.metadata.get(key) for key in ("range", "choices", "open")}
+
+
+_JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string"}
+
+
+def json_schema(cls: type, defaults: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """``{name: JSON Schema}`` of a dataclass's scalar fields, from the same declaration :func:`check_fields`
+    enforces: type (``["integer", "null"]`` when optional, as JSON Schema 2020-12 and OpenAPI 3.1 spell it),
+    default (from ``defaults`` where the real one lives elsewhere, a model's config), help as ``description``, ``range`` as ``minimum``/``maximum`` (``exclusive...`` at an ``open`` end)
+    and ``choices`` as ``enum``."""
+    schemas = {}
+    for item in fields(cls):
+        kind, optional = field_types(cls)[item.name]
+        if kind not in SCALAR_TYPES or item.name.isupper():
+            continue
+        schema: dict[str, Any] = {"type": [_JSON_TYPES[kind], "null"] if optional else _JSON_TYPES[kind]}
+        default = (defaults or {}).get(item.name, item.default)
+        if default is not MISSING:
+            schema["default"] = default
+        if item.metadata.get("help"):
+            schema["description"] = item.metadata["help"]
+        if "range" in item.metadata:
+            (low, high), open = item.metadata["range"], item.metadata.get("open")
+            schema["exclusiveMinimum" if open in ("low", "both") else "minimum"] = low
+            schema["exclusiveMaximum" if open in ("high", "both") else "maximum"] = high
+        if "choices" in item.metadata:
+            schema["enum"] = list(item.metadata["choices"])
+        schemas[item.name] = schema
+    return schemas
 
 
 def check_fields(instance: Any, error: type[CaptionerError] = ConfigError, where: str = "") -> None:
@@ -104,8 +158,8 @@ def check_fields(instance: Any, error: type[CaptionerError] = ConfigError, where
         kind, optional = kinds[item.name]
         if kind not in SCALAR_TYPES:
             continue  # lists and nested configs check themselves
-        value = check_value(item.name, getattr(instance, item.name), kind, item.metadata.get("range"),
-                            item.metadata.get("choices"), error, where, optional)
+        value = check_value(item.name, getattr(instance, item.name), kind, error=error, where=where,
+                            optional=optional, **_field_bounds(item))
         object.__setattr__(instance, item.name, value)
 
 
@@ -133,8 +187,7 @@ def check_options(cls: type, data: object, error: type[CaptionerError] = ConfigE
     for name, value in options.items():
         item, (kind, optional) = by_name[name], kinds[name]
         if kind in SCALAR_TYPES:
-            check_value(name, value, kind, item.metadata.get("range"), item.metadata.get("choices"), error, where,
-                        optional)
+            check_value(name, value, kind, error=error, where=where, optional=optional, **_field_bounds(item))
     return options
 
 
@@ -296,8 +349,7 @@ def describe_bounds(item) -> str:
     if "choices" in item.metadata:
         return ", ".join(map(str, item.metadata["choices"]))
     if "range" in item.metadata:
-        low, high = item.metadata["range"]
-        return f"{low} to {high}"
+        return describe_range(item.metadata["range"], item.metadata.get("open"))
     return ""
 
 

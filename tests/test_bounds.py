@@ -6,13 +6,13 @@ import copy
 import functools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import pytest
 from conftest import ROOT
 
-from captioner.bounds import check_fields, field_types, from_dict, option, read_bounded
+from captioner.bounds import check_fields, field_types, from_dict, json_schema, option, read_bounded
 from captioner.generation.config import GenerationConfig
 from captioner.models.encoder import EncoderConfig
 from captioner.errors import CaptionerError, ConfigError
@@ -53,6 +53,56 @@ def test_optional_fields_are_checked_like_the_others(options, message):
 def test_optional_fields_accept_none_and_their_type():
     assert Options() == Options(None, None, None, False, None)
     assert Options(count=3, ratio=1, name="x", sizes=[1]).ratio == 1.0 and isinstance(Options(ratio=1).ratio, float)
+
+
+@dataclass
+class Rates:
+    """Bounds with open ends, declared once and enforced, described and exported from that one declaration."""
+
+    lr: float = option(0.1, "a learning rate", range=(0, 1), open="low")
+    smoothing: float = option(0.0, "label smoothing", range=(0, 1), open="high")
+    gap: float = option(0.5, range=(0, 1), open="both")
+    size: int | None = option(None, "a size", range=(1, 9))
+    mode: str = option("a", choices=("a", "b"))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(lr=0), "lr must be above 0 and at most 1, not 0"),
+    (dict(smoothing=1), "smoothing must be at least 0 and below 1, not 1"),
+    (dict(gap=1.0), "gap must be above 0 and below 1, not 1.0"),
+    (dict(gap=0.0), "gap must be above 0 and below 1, not 0.0"),
+])
+def test_open_ends_of_a_range_are_refused(options, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        Rates(**options)
+    Rates(lr=1, smoothing=0, gap=0.999)  # the closed ends and the inside pass
+
+
+@pytest.mark.parametrize("key, value", [("lr", 0.0), ("encoder_lr", 0.0), ("scst_lr", 0.0),
+                                        ("label_smoothing", 1.0)])
+def test_training_rates_are_bounded_by_their_declaration(key, value):
+    """TrainConfig's rates are bounded in their fields, not by a hand-written check in validate()."""
+    item = {f.name: f for f in fields(TrainConfig)}[key]
+    low, high = item.metadata["range"]
+    assert low <= value <= high  # inside the closed range: only the declared open end refuses it
+    with pytest.raises(ConfigError, match=f"^{key} must be "):
+        TrainConfig(**{key: value}).validate()
+
+
+def test_json_schema_is_the_declaration():
+    schema = json_schema(Rates, {"mode": "b"})
+    assert schema["lr"] == {"type": "number", "default": 0.1, "description": "a learning rate",
+                            "exclusiveMinimum": 0, "maximum": 1}
+    assert schema["smoothing"]["minimum"] == 0 and schema["smoothing"]["exclusiveMaximum"] == 1
+    assert schema["size"]["type"] == ["integer", "null"] and "nullable" not in schema["size"]
+    assert schema["mode"] == {"type": "string", "default": "b", "enum": ["a", "b"]}
+    generation = json_schema(GenerationConfig)
+    for item in fields(GenerationConfig):
+        if "range" in item.metadata:
+            assert (generation[item.name]["minimum"], generation[item.name]["maximum"]) == item.metadata["range"]
 
 
 BUNDLED_CONFIG = json.loads((ROOT / "assets" / "model" / "config.json").read_text())

@@ -397,7 +397,7 @@ def test_an_int_may_stand_for_a_float():
     ("min_word_count", 0), ("warmup_steps", -5),
 ])
 def test_out_of_range_options(synthetic, tmp_path, key, value):
-    with pytest.raises(ConfigError, match=rf"^{key} must be (between|a finite number)"):
+    with pytest.raises(ConfigError, match=rf"^{key} must be (between|above|at least|a finite number)"):
         train(small_config(synthetic, tmp_path / "run", tmp_path / "cache", **{key: value}))
     assert not (tmp_path / "run").exists()
 

@@ -36,7 +36,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException  # what Starlette's own parsers raise
 from starlette.requests import ClientDisconnect
 
-from ..bounds import field_types, options_from_text
+from ..bounds import json_schema, options_from_text
 from ..data.images import describe
 from ..errors import BusyError, CaptionerError
 from ..generation.config import GenerationConfig
@@ -159,7 +159,7 @@ def api_app(service: Service, model_dir: str | None = None) -> FastAPI:
         metrics.answered(path if path in ROUTES else "other", response.status_code, time.perf_counter() - started)
         return response
 
-    @app.post("/caption", response_model=CaptionAnswer, openapi_extra=caption_request_docs())
+    @app.post("/caption", response_model=CaptionAnswer, openapi_extra=caption_request_docs(model.generation_config))
     async def caption(request: Request) -> dict:
         """Caption the photo sent as the request body or as the multipart file field ``image``; decoding options
         as query parameters or form fields (the names, bounds and defaults of the Python API and the CLI)."""
@@ -343,20 +343,10 @@ def too_large(limit: int) -> Refusal:
     return Refusal(413, f"request body larger than {limit:,} bytes", "too-large", close=True)
 
 
-def caption_request_docs() -> dict:
-    """OpenAPI 3.1 for what ``/caption`` reads itself: the body (an image, or a multipart form) and the options."""
-    kinds = {int: "integer", float: "number", bool: "boolean", str: "string"}
-    types = field_types(GenerationConfig)
-    options = {}
-    for item in fields(GenerationConfig):
-        kind, optional = types[item.name]
-        schema: dict[str, Any] = {"type": [kinds[kind], "null"] if optional else kinds[kind],
-                                  "description": item.metadata["help"]}
-        if "range" in item.metadata:
-            schema["minimum"], schema["maximum"] = item.metadata["range"]
-        if "choices" in item.metadata:
-            schema["enum"] = list(item.metadata["choices"])
-        options[item.name] = schema
+def caption_request_docs(defaults: GenerationConfig) -> dict:
+    """OpenAPI 3.1 for what ``/caption`` reads itself: the body (an image, or a multipart form) and the options,
+    the latter from :class:`GenerationConfig`'s declaration (:func:`json_schema`) with the model's defaults."""
+    options = json_schema(GenerationConfig, defaults.to_dict())
     form = {IMAGE_FIELD: {"type": "string", "format": "binary"}, **options}
     return {"parameters": [{"name": name, "in": "query", "required": False, "schema": schema}
                            for name, schema in options.items()],

@@ -93,7 +93,8 @@ class TrainConfig:
     train_captions: str = option("", "training annotations: COCO captions JSON or a Karpathy-split file")
     val_captions: str = option("", "validation annotations (default: the 'val' split of a Karpathy file)")
     val_images: str = option("", "folder of validation images, if not --images")
-    out: str = option("runs/captioner", "output folder: best/, last/, log.jsonl, training.png")
+    out: str = option("runs/captioner", "output folder: best/, last/, log.jsonl, training.png and TensorBoard "
+                                        "events in tensorboard/")
     encoder: str = option(DEFAULT_ENCODER, "CNN backbone", choices=tuple(BACKBONES))
     encoder_weights: str = option("", "encoder weights: empty for pretrained ImageNet, a file path, or 'none'")
     embed_size: int = option_like(DecoderConfig, "embed_size", "word and image embedding size")
@@ -105,14 +106,15 @@ class TrainConfig:
     max_caption_length: int = option(30, "training captions are cut to this many words (the cut count is logged)", range=(1, 100))
     epochs: int = option(20, "cross-entropy epochs (an upper bound when early stopping)", range=(0, 10000))
     batch_size: int = option(128, "captions per cross-entropy step (under torchrun: the global batch)", range=(1, 65536))
-    lr: float = option(4e-4, "Adam learning rate for the decoder", range=(0, 1))
+    lr: float = option(4e-4, "Adam learning rate for the decoder", range=(0, 1), open="low")
     weight_decay: float = option(0.0, "Adam weight decay", range=(0, 1))
     lr_schedule: str = option("cosine", "learning-rate schedule over the cross-entropy epochs",
                                choices=("cosine", "constant"))
     warmup_steps: int = option(0, "linear learning-rate warm-up steps", range=(0, 1000000000))
     grad_clip: float = option(5.0, "clip the gradient norm to this (0 = off)", range=(0, 1000000.0))
-    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")
-    scheduled_sampling: float = option(0.0, "final probability of feeding back the model's own word (0 = off)")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss", range=(0, 1), open="high")
+    scheduled_sampling: float = option(0.0, "final probability of feeding back the model's own word (0 = off)",
+                                       range=(0, 1))
     patience: int = option(5, "stop a phase after this many epochs without a better validation score", range=(0, 10000))
     select_metric: str = option("CIDEr-D", "validation metric that selects the best checkpoint",
                                  choices=("CIDEr-D", "BLEU-4", "ROUGE-L", "BLEU-1"))
@@ -122,14 +124,14 @@ class TrainConfig:
                                                                           "checkpoint's default decoding")
     max_length: int = option_like(GenerationConfig, "max_length", "longest generated caption in words")
     finetune_encoder: bool = option(False, "train the CNN too (no feature cache; slow without a GPU)")
-    encoder_lr: float = option(1e-5, "learning rate for the CNN with --finetune-encoder", range=(0, 1))
+    encoder_lr: float = option(1e-5, "learning rate for the CNN with --finetune-encoder", range=(0, 1), open="low")
     init_from: str = option("", "start from this trained checkpoint (its vocabulary, encoder and decoder; "
                                 "--encoder-weights replaces its encoder's) instead of from scratch, e.g. to "
                                 "fine-tune the CNN under a trained decoder")
     init_member: int = option(0, "with --init-from an ensemble: the member (1, 2, ...) to start from",
                               range=(0, 1000))
     scst_epochs: int = option(0, "self-critical sequence training epochs after cross-entropy (0 = off)", range=(0, 10000))
-    scst_lr: float = option(2e-5, "learning rate during SCST", range=(0, 1))
+    scst_lr: float = option(2e-5, "learning rate during SCST", range=(0, 1), open="low")
     scst_samples: int = option(5, "sampled captions per image during SCST", range=(1, 64))
     scst_batch_size: int = option(16, "images per SCST step (each with scst_samples sampled captions)", range=(1, 65536))
     scst_baseline: str = option("mean", "SCST reward baseline: the mean reward of the image's other samples, or the "
@@ -167,11 +169,6 @@ class TrainConfig:
                               f"({', '.join(d.name for d in val)}) or {SELECT_MEAN!r}")
         if self.epochs + self.scst_epochs < 1:
             raise ConfigError("nothing to train: epochs and scst_epochs are both 0")
-        if not all(0 <= v < 1 for v in (self.dropout, self.input_dropout, self.label_smoothing)) or \
-                not 0 <= self.scheduled_sampling <= 1:
-            raise ConfigError("dropouts and label_smoothing must be in [0, 1), scheduled_sampling in [0, 1]")
-        if self.lr <= 0 or self.scst_lr <= 0 or self.encoder_lr <= 0:
-            raise ConfigError("learning rates must be positive")
         if self.scst_baseline == "mean" and self.scst_samples < 2:
             raise ConfigError("the mean SCST baseline needs scst_samples of 2 or more")
         if self.init_member and not self.init_from:

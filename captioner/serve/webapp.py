@@ -267,8 +267,9 @@ def launch(model_dir: str | None = None, host: str | None = None, port: int | No
     """Load the model once, then serve the demo and, under ``/v1``, the HTTP API (127.0.0.1:7860 unless told
     otherwise), both through one :class:`Batcher` (``batching``: its knobs).
 
-    ``engine="auto"`` serves with ONNX Runtime, the faster engine on a CPU, when the model has an ONNX
-    export (``make setup`` writes the bundled model's).
+    ``engine="auto"`` serves with ONNX Runtime, the faster engine on a CPU, when onnxruntime is installed and
+    the model's export passes its checks: graphs the engine exports itself from the loaded weights at the first
+    load, then reads from the per-user cache (``make setup`` exports nothing; see docs/onnx.md).
     """
     torch.set_grad_enabled(False)
     model = Captioner.from_pretrained(model_dir, device=device, engine=engine)

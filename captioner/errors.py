@@ -23,6 +23,10 @@ class CheckpointError(CaptionerError):
     """A checkpoint directory is missing, incomplete, unsafe (pickles) or inconsistent."""
 
 
+class DecodingError(CaptionerError):
+    """A decoder's next-word scores cannot be decoded (NaN or infinite: unusable weights), whatever the input."""
+
+
 class WeightsError(CaptionerError):
     """No encoder weights could be found; the message lists every remedy."""
 

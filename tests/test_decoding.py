@@ -178,6 +178,54 @@ def test_generation_config_is_frozen_and_checked_on_every_construction():
         config.updated(min_length=10, max_length=5)
     with pytest.raises(ConfigError, match="greedy decoding returns one caption"):
         dataclasses.replace(config, strategy="greedy", num_return_sequences=2)
-    # More captions than beams widens the beam (the app, the API and the CLI alike), on an update too.
-    widened = config.updated(beam_size=2, num_return_sequences=5)
+
+
+def test_more_captions_than_beams_is_refused_unless_the_beam_is_left_to_widen(caplog):
+    """As Hugging Face: a config never holds fewer beams than captions. Asked for n captions without a beam size,
+    updated() widens the beam itself (the CLI's --num-captions, the API's keyword); both given, inconsistent,
+    is one line."""
+    message = r"^num_return_sequences \(5\) cannot exceed beam_size \(3\) in beam search; ask for a beam"
+    with pytest.raises(ConfigError, match=message):
+        GenerationConfig(beam_size=3, num_return_sequences=5)
+    config = GenerationConfig()
+    with pytest.raises(ConfigError, match=r"num_return_sequences \(5\) cannot exceed beam_size \(2\)"):
+        config.updated(beam_size=2, num_return_sequences=5)
+    with caplog.at_level("INFO", logger="captioner.generation.config"):
+        widened = config.updated(num_return_sequences=5)
     assert (widened.beam_size, widened.num_return_sequences, config.beam_size) == (5, 5, 3)
+    assert "beam_size raised from 3 to 5 to return 5 captions" in caplog.text
+    assert config.updated(num_return_sequences=2).beam_size == 3  # never narrowed
+    assert config.updated(beam_size=None, num_return_sequences=4).beam_size == 4  # None: not given
+    sampled = config.updated(strategy="sample", num_return_sequences=5)  # samples need no beams
+    assert (sampled.beam_size, sampled.num_return_sequences) == (3, 5)
+    assert sampled.updated(strategy="beam", beam_size=5).beam_size == 5
+    for options in ({"strategy": "beam"}, {"strategy": "beam", "beam_size": 4}):  # n = 5 stays, and 3 or 4 beams
+        with pytest.raises(ConfigError, match="cannot exceed beam_size"):
+            sampled.updated(**options)
+
+
+@pytest.mark.parametrize("strategy", ["beam", "greedy", "sample"])
+def test_nan_scores_are_one_error_at_the_end_of_the_search(tiny_model, features, strategy):
+    """NaN log-probabilities (overflowing weights) are searched as zeros, never drawn from or ranked (a CUDA
+    multinomial over NaN would kill the process), and reported once, when the search ends: no sync each step."""
+    from captioner.errors import DecodingError
+    from captioner.generation.step import UNUSABLE_SCORES
+
+    class Overflowing:
+        steps = 0
+
+        def init_state(self, batch_features):
+            return tiny_model.decoder.init_state(batch_features)
+
+        def step(self, tokens, state):
+            logits, state = tiny_model.decoder.step(tokens, state)
+            Overflowing.steps += 1
+            if Overflowing.steps == 2:
+                logits[0] = float("inf")  # one row's scores overflow; the others' captions go on
+            return logits, state
+
+    config = tiny_model.generation_config.updated(strategy=strategy, seed=0,
+                                                  num_return_sequences=1 if strategy == "greedy" else 2)
+    with pytest.raises(DecodingError, match=f"^{UNUSABLE_SCORES}$"):
+        generate(Overflowing(), features[:3], config)
+    assert Overflowing.steps > 2  # the search went on: the check is at its end

@@ -49,20 +49,30 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         check_fields(self, ConfigError)
         if self.strategy == "beam" and self.num_return_sequences > self.beam_size:
-            # An n-best list needs as many beams: widened here, on every construction, so the API, the CLI and
-            # the app agree, and no config ever holds fewer beams than captions asked for.
-            log.info("beam_size raised from %d to %d to return %d captions", self.beam_size,
-                     self.num_return_sequences, self.num_return_sequences)
-            object.__setattr__(self, "beam_size", self.num_return_sequences)
+            # An n-best list needs as many beams; a config that says otherwise is refused, as Hugging Face does,
+            # rather than quietly changed. updated() widens the beam when only the number of captions is given.
+            raise ConfigError(f"num_return_sequences ({self.num_return_sequences}) cannot exceed beam_size "
+                              f"({self.beam_size}) in beam search; ask for a beam at least as wide, or leave beam_size "
+                              "out to widen it")
         if self.strategy == "greedy" and self.num_return_sequences != 1:
             raise ConfigError("greedy decoding returns one caption; use beam or sample for several")
         if self.min_length > self.max_length:
             raise ConfigError("min_length cannot exceed max_length")
 
     def updated(self, **options) -> "GenerationConfig":
-        """A copy with ``options`` applied (``None`` values keep the current setting), checked on construction."""
+        """A copy with ``options`` applied (``None`` values keep the current setting), checked on construction.
+
+        Asking beam search for more captions (``num_return_sequences``) than this config's beams, without giving
+        ``beam_size``, widens the beam to as many (logged): ``generate(x, num_return_sequences=5)`` and
+        ``captioner caption --num-captions 5`` just work. Giving both, inconsistent, is refused.
+        """
         check_object(GenerationConfig, options, "decoding option")
-        return replace(self, **{k: v for k, v in options.items() if v is not None})
+        given = {k: v for k, v in options.items() if v is not None}
+        wanted, strategy = given.get("num_return_sequences"), given.get("strategy", self.strategy)
+        if strategy == "beam" and "beam_size" not in given and wanted is not None and wanted > self.beam_size:
+            log.info("beam_size raised from %d to %d to return %d captions", self.beam_size, wanted, wanted)
+            given["beam_size"] = wanted
+        return replace(self, **given)
 
     @classmethod
     def from_dict(cls, data: object, where: str = "generation") -> "GenerationConfig":

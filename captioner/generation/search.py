@@ -9,29 +9,22 @@ Scores: ``log_prob`` is always the model's own log-likelihood of the words plus 
 log-softmax of the unmodified logits), whatever masks, temperature or filters steered the search;
 ``score`` is what beams are ranked by, ``log_prob / length ** length_penalty`` (length counts the
 words plus ``<end>``).
+
+NaN scores (unusable weights) are searched as zeros, so that no draw or ranking fails on them, and reported
+once at the end as a :class:`DecodingError`: a check every step would wait for the GPU every step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from ..data.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
-from ..errors import CheckpointError
+from ..errors import DecodingError
 from .config import GenerationConfig
-
-State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (num_layers, N, hidden_size)
-
-
-class StepDecoder(Protocol):
-    """What decoding needs of a decoder: :class:`Decoder`, :class:`DecoderEnsemble`, or ONNX Runtime's (``onnx_engine``)."""
-
-    def init_state(self, features: torch.Tensor) -> State: ...
-
-    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]: ...
+from .step import UNUSABLE_SCORES, State, StepDecoder, next_log_probs  # noqa: F401 (State, StepDecoder: for callers)
 
 
 @dataclass
@@ -114,13 +107,16 @@ def step_unfinished(decoder: StepDecoder, tokens: torch.Tensor, state: State,
     return all_logits, (all_h, all_c)
 
 
-def next_log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Log-softmax of a step's logits; NaN (from NaN or overflowing logits: finite but huge weights) is a
-    :class:`CheckpointError`, since no caption can be ranked by it and a NaN log-probability is not valid JSON."""
-    log_probs = F.log_softmax(logits.float(), -1)
-    if torch.isnan(log_probs).any():
-        raise CheckpointError("the decoder's next-word scores are NaN or infinite; its weights are unusable")
-    return log_probs
+def searchable(logits: torch.Tensor, unusable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's log-probabilities with NaN read as 0, and ``unusable`` (a flag on the device) raised if there was
+    any: no host sync, unlike ``if isnan(...).any()``. :func:`report_unusable` reads the flag once, at the end."""
+    log_probs = next_log_probs(logits)
+    return torch.nan_to_num(log_probs, nan=0.0, neginf=float("-inf")), unusable | torch.isnan(log_probs).any()
+
+
+def report_unusable(unusable: torch.Tensor) -> None:
+    if unusable:
+        raise DecodingError(UNUSABLE_SCORES)
 
 
 def sample_or_greedy(decoder: StepDecoder, features: torch.Tensor, config: GenerationConfig) -> Hypotheses:
@@ -136,9 +132,10 @@ def sample_or_greedy(decoder: StepDecoder, features: torch.Tensor, config: Gener
     done = torch.zeros_like(tokens, dtype=torch.bool)
     history: list[torch.Tensor] = []
     chosen_lps: list[torch.Tensor] = []
+    unusable = torch.zeros((), dtype=torch.bool, device=features.device)
     for step in range(config.max_length + 1):
         logits, state = step_unfinished(decoder, tokens, state, done)
-        log_probs = next_log_probs(logits)
+        log_probs, unusable = searchable(logits, unusable)
         allowed = constrain(log_probs.clone(), _stack(history, tokens), step, config)
         if config.strategy == "greedy":
             tokens = allowed.argmax(-1)
@@ -151,6 +148,7 @@ def sample_or_greedy(decoder: StepDecoder, features: torch.Tensor, config: Gener
         done = done | (tokens == END_ID)
         if done.all():
             break
+    report_unusable(unusable)
     ids, lps = torch.stack(history, 1), torch.stack(chosen_lps, 1)
     lengths = (ids != PAD_ID).sum(1)
     scores = lps.sum(1) / lengths.float().pow(config.length_penalty)
@@ -195,9 +193,10 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, config: Generation
     history = torch.empty((rows, 0), dtype=torch.long, device=device)
     history_lps = torch.empty((rows, 0), device=device)
     offsets = (torch.arange(batch, device=device) * beams)[:, None]
+    unusable = torch.zeros((), dtype=torch.bool, device=device)
     for step in range(config.max_length + 1):
         logits, state = step_unfinished(decoder, tokens, state, done)
-        log_probs = next_log_probs(logits)
+        log_probs, unusable = searchable(logits, unusable)
         candidates = constrain(log_probs.clone(), history, step, config)
         candidates[done] = float("-inf")
         candidates[done, PAD_ID] = 0.0
@@ -215,6 +214,7 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, config: Generation
         lengths, done = new_lengths[source], done[source] | (tokens == END_ID)
         if done.all():
             break
+    report_unusable(unusable)
     scores = (totals / lengths.pow(config.length_penalty)).view(batch, beams)
     scores, order = scores.sort(1, descending=True)
     n = config.num_return_sequences

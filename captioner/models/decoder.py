@@ -3,12 +3,13 @@
 The image feature vector is projected to the word-embedding size and fed to the LSTM as its first
 input; the words follow, starting with ``<start>``. Training uses teacher forcing over packed
 variable-length sequences (:meth:`Decoder.forward`); inference feeds each chosen word back through
-:meth:`Decoder.step`, the single step function every decoding strategy shares.
+:meth:`Decoder.step`, the single step function every decoding strategy shares (the step-decoder protocol of
+:mod:`captioner.generation.step`).
 
 An ensemble (:class:`DecoderEnsemble`, ``members`` > 1; an ensemble of one decoder is that decoder) is
 several decoders of one shape trained apart (different seeds) over the same vocabulary and encoder. It
 answers the same calls: its state is the members' states stacked, and each step averages the members'
-next-word probabilities, so the one batched search in :mod:`captioner.decoding` decodes it unchanged.
+next-word probabilities, so the one batched search in :mod:`captioner.generation.search` decodes it unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from ..bounds import check_fields, option
 from ..data.vocab import PAD_ID
 from ..errors import ConfigError
-from ..generation.search import State, next_log_probs
+from ..generation.step import State, checked, next_log_probs
 
 # Up to this many rows per step, CPU inference runs the LSTM's equations written out (see step()).
 SMALL_STEP_ROWS = 32
@@ -225,6 +226,6 @@ def sequence_log_probs(decoder: Decoder | DecoderEnsemble, features: torch.Tenso
                        lengths: torch.Tensor) -> torch.Tensor:
     """Teacher-forced log-likelihood of each caption (words plus ``<end>``): ``(B,)``."""
     logits = decoder(features, tokens, lengths)
-    log_probs = next_log_probs(logits).gather(2, tokens[:, 1:, None])[:, :, 0]
+    log_probs = checked(next_log_probs(logits)).gather(2, tokens[:, 1:, None])[:, :, 0]
     mask = tokens[:, 1:] != PAD_ID
     return (log_probs * mask).sum(1)

@@ -4,20 +4,21 @@
 them this is a single process and every helper is a no-op. The backend is ``nccl`` on GPUs and
 ``gloo`` on CPUs. Gradients are averaged by PyTorch's DistributedDataParallel; this module only
 splits feature extraction across ranks and shares small results (scores, random states).
-Bulk captioning needs no process group: :func:`launched_rank` only tells each process its share.
+Bulk captioning needs no process group: :func:`launched_rank` only tells each process its share, and torch is
+imported only by the calls that need it, so the bulk modules that ask it (``captioner merge`` too) load no PyTorch.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import NamedTuple
-
-import torch
-import torch.distributed as dist
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import ConfigError
 from .runtime import pick_device
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_WORLD_SIZE = 1_000_000
 
@@ -60,7 +61,7 @@ def _environment_integer(name: str, default: int, low: int, high: int, note: str
 class Distributed:
     rank: int = 0
     world_size: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: _torch().device("cpu"))
 
     @property
     def enabled(self) -> bool:
@@ -73,6 +74,9 @@ class Distributed:
     @classmethod
     def setup(cls, device: str = "auto") -> "Distributed":
         """Join the process group that torchrun describes (if any) and pick this rank's device."""
+        import torch
+        import torch.distributed as dist
+
         launch = launched_rank()
         if launch.world_size == 1:
             return cls(0, 1, pick_device(device))
@@ -95,14 +99,14 @@ class Distributed:
 
     def barrier(self) -> None:
         if self.enabled:
-            dist.barrier()
+            _dist().barrier()
 
     def broadcast(self, value):
         """``value`` as rank 0 has it, on every rank (any picklable object)."""
         if not self.enabled:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src=0)
+        _dist().broadcast_object_list(box, src=0)
         return box[0]
 
     def gather(self, value) -> list:
@@ -110,14 +114,15 @@ class Distributed:
         if not self.enabled:
             return [value]
         values = [None] * self.world_size
-        dist.all_gather_object(values, value)
+        _dist().all_gather_object(values, value)
         return values
 
     def all_sum(self, value: float) -> float:
         if not self.enabled:
             return value
+        torch = _torch()
         total = torch.tensor([float(value)], dtype=torch.float64, device=self._collective_device())
-        dist.all_reduce(total)
+        _dist().all_reduce(total)
         return float(total.item())
 
     def gather_rows(self, rows: torch.Tensor, total: int) -> torch.Tensor:
@@ -128,8 +133,8 @@ class Distributed:
         padded = rows.new_zeros((width, *rows.shape[1:]))
         padded[: len(rows)] = rows
         padded = padded.to(self._collective_device())
-        pieces = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(pieces, padded)
+        pieces = [_torch().empty_like(padded) for _ in range(self.world_size)]
+        _dist().all_gather(pieces, padded)
         out = rows.new_empty((total, *rows.shape[1:]))
         for rank, piece in enumerate(pieces):
             count = len(range(rank, total, self.world_size))
@@ -137,8 +142,20 @@ class Distributed:
         return out
 
     def _collective_device(self) -> torch.device:
-        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        return self.device if _dist().get_backend() == "nccl" else _torch().device("cpu")
 
     def close(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+        if self.enabled and _dist().is_initialized():
+            _dist().destroy_process_group()
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist

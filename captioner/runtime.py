@@ -1,7 +1,8 @@
-"""Where things are and what runs them: the bundled assets, the caches and the compute device.
+"""Where things are and what runs them: the bundled assets, the caches, the engines and the compute device.
 
 A low module, so that the feature cache, the ONNX engine, distributed training and the app can use them
-without importing the public model.
+without importing the public model. It imports torch only inside the functions that need it: the command
+line's help texts read the paths and engine names here without loading PyTorch.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 # assets/ sits beside the package in a checkout and inside it (captioner/assets) in an installed wheel.
 _PACKAGE = Path(__file__).resolve().parent
@@ -21,6 +24,9 @@ ASSETS = _PACKAGE / "assets" if (_PACKAGE / "assets").is_dir() else _PACKAGE.par
 BUNDLED_MODEL = ASSETS / "model"
 BUNDLED_MODEL_CARD = ASSETS / "MODEL_CARD.md"
 EXAMPLES_DIR = ASSETS / "examples"
+
+ENGINES = ("auto", "onnx", "torch")  # what runs a model: see captioner.models.onnx_engine.resolve_engine
+ENGINE_NAMES = {"onnx": "ONNX Runtime", "torch": "PyTorch"}
 
 
 def cache_dir(kind: str) -> Path:
@@ -38,12 +44,16 @@ def stage_threads() -> int:
     """CPU threads for each of two stages run at once (bulk captioning encodes one batch while it decodes the
     previous): half of PyTorch's count. Two stages on all the cores each fight over them, which measured more
     CPU time per photo (benchmarks/bulk_caption.py)."""
+    import torch
+
     return max(1, torch.get_num_threads() // 2)
 
 
 @contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """PyTorch's CPU thread count set to ``count`` inside the block, restored after."""
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -54,6 +64,8 @@ def torch_threads(count: int) -> Iterator[None]:
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` picks CUDA, then Apple's MPS, then the CPU; an unavailable device is a :class:`ConfigError`."""
+    import torch
+
     if str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

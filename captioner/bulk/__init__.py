@@ -6,3 +6,6 @@ batch ahead of the search) and ``merge`` (joining the parts of a sharded run). `
 against references through the same run. It builds on ``models`` (through its pipeline) and never on ``train``
 or ``serve``; only the command line imports it.
 """
+
+# The public surface: its submodules. None is imported here: importing the package loads no PyTorch.
+__all__ = ["captioning", "evaluation", "inputs", "jsonl", "merge"]

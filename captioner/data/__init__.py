@@ -5,3 +5,6 @@ tokenises captions and maps words to ids; ``annotations`` reads COCO and Karpath
 image/caption pairs; ``loader`` batches preprocessed photos from worker processes for every stage that
 reads many of them. Nothing here knows about networks: this layer imports only the root modules.
 """
+
+# The public surface: its submodules. None is imported here: importing the package loads no PyTorch.
+__all__ = ["annotations", "images", "loader", "vocab"]

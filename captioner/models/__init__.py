@@ -7,3 +7,6 @@ ensembles of it); ``onnx_engine`` exports both to ONNX Runtime graphs of our own
 ``captioner`` joins them into the checkpoint users load with ``from_pretrained`` and call ``caption``
 or ``generate`` on. Models never import ``train`` or ``serve``.
 """
+
+# The public surface: its submodules. None is imported here: importing the package loads no PyTorch.
+__all__ = ["captioner", "decoder", "encoder", "onnx_engine", "pipeline", "preprocessing", "weights"]

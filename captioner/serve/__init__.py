@@ -7,3 +7,6 @@ cap and header deadline), ``decode_pool`` (uploads decoded in worker processes b
 ``access`` (API key and Host checks), ``metrics`` (Prometheus counters) and ``logs`` (a repeated warning logged
 once per interval). It builds on ``models`` and never on ``train`` or ``bulk``; only the command line imports it.
 """
+
+# The public surface: its submodules. None is imported here: importing the package loads no PyTorch.
+__all__ = ["access", "batcher", "connections", "decode_pool", "http", "limits", "logs", "metrics", "webapp"]

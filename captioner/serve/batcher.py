@@ -28,29 +28,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..bounds import check_fields, option
 from ..data.images import ImageInput
-from ..errors import BusyError, CaptionerError, ConfigError
+from ..errors import BusyError, CaptionerError
 from ..generation.config import GenerationConfig
 from ..models.captioner import Captioner
 from ..models.pipeline import CaptionPipeline, Prediction
+from .limits import BatchConfig as BatchConfig  # declared beside the other bounds, torch-free
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.25  # how often an idle worker looks whether it should stop
-
-
-@dataclass(frozen=True)
-class BatchConfig:
-    """The micro-batching knobs (``captioner serve --max-batch ...``), checked on construction."""
-
-    max_batch: int = option(32, "requests encoded and decoded together at most", range=(1, 256))
-    batch_window_ms: float = option(5.0, "how long a batch's first request waits for others, in ms", range=(0, 1000))
-    max_queue: int = option(64, "requests waiting at most; more are refused (HTTP 503)", range=(1, 4096))
-    deadline_s: float = option(30.0, "a request not answered within this many seconds is given up (HTTP 503)",
-                               range=(0.1, 3600))
-
-    def __post_init__(self) -> None:
-        check_fields(self, ConfigError)
 
 
 @dataclass

@@ -4,6 +4,8 @@ A server put on a network is attacked by its clients: connections that send noth
 trickle in a byte at a time, uploads that are small but cost seconds and gigabytes to decode. Each of these
 holds something (a descriptor, a place in the server, a core), so each has a bound in time as well as in size.
 :class:`ServerLimits` declares them once; the connection guard, the body reader and the decode pool enforce them.
+:class:`BatchConfig` bounds the micro-batching worker (:mod:`captioner.serve.batcher`). Neither imports torch:
+the command line builds its flags from them.
 """
 
 from __future__ import annotations
@@ -61,6 +63,20 @@ class ServerLimits:
     def connection_cap(self) -> int:
         assert self.max_connections is not None  # set by __post_init__
         return self.max_connections
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """The micro-batching knobs (``captioner serve --max-batch ...``), checked on construction."""
+
+    max_batch: int = option(32, "requests encoded and decoded together at most", range=(1, 256))
+    batch_window_ms: float = option(5.0, "how long a batch's first request waits for others, in ms", range=(0, 1000))
+    max_queue: int = option(64, "requests waiting at most; more are refused (HTTP 503)", range=(1, 4096))
+    deadline_s: float = option(30.0, "a request not answered within this many seconds is given up (HTTP 503)",
+                               range=(0.1, 3600))
+
+    def __post_init__(self) -> None:
+        check_fields(self, ConfigError)
 
 
 def descriptor_budget() -> int:

@@ -161,3 +161,20 @@ def test_config_claiming_more_members_than_stored_is_refused(members, tmp_path):
     config_file.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="weights do not match config.json"):
         Captioner.from_pretrained(tmp_path / "ensemble", device="cpu")
+
+
+def test_export_checkpoint_joins_rounds_and_refuses_before_loading(members, tmp_path):
+    """``captioner export``'s work, called as the model's: ``cli._export`` only parses and prints."""
+    from captioner.models.captioner import export_checkpoint
+
+    paths = [member.save_pretrained(tmp_path / f"member{i}") for i, member in enumerate(members)]
+    with pytest.raises(ConfigError, match=f"at most {MAX_MEMBERS} decoders"):
+        export_checkpoint([tmp_path / "missing"] * (MAX_MEMBERS + 1), tmp_path / "out")
+    with pytest.raises(ConfigError, match="OUT may be MODEL only to add ONNX graphs"):
+        export_checkpoint(paths[:1], paths[0], half_precision=True, format="onnx")
+    out, model = export_checkpoint(paths, tmp_path / "out", half_precision=True, options={"beam_size": 5})
+    assert out == tmp_path / "out" and model.decoder.config.members == 2 and model.generation_config.beam_size == 5
+    loaded = Captioner.from_pretrained(out, device="cpu", engine="torch")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.decoder.state_dict().values(),
+                                                 model.decoder.state_dict().values()))  # rounded as saved
+    assert loaded.generation_config == model.generation_config

@@ -7,8 +7,10 @@ or those features, so a photo never goes through the CNN twice.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +29,7 @@ from ..generation.search import Caption, generate, to_captions
 from ..runtime import BUNDLED_MODEL, pick_device
 from . import onnx_engine
 from .decoder import (
+    MAX_MEMBERS,
     Decoder,
     DecoderConfig,
     DecoderEnsemble,
@@ -46,6 +49,7 @@ Inputs = Union[ImageInput, Sequence[ImageInput], torch.Tensor]
 MAX_BATCH_SIZE = 4096  # images decoded together; bounds the memory of one step
 LOAD_CHUNK = 64  # images held as pixels at once by encode()
 MAX_THREADS = 1024
+EXPORT_FORMATS = ("safetensors", "onnx")  # onnx: the weights and the three graphs of onnx_engine
 
 
 def check_batch_size(batch_size: object) -> int:
@@ -127,15 +131,32 @@ class Captioner(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device = "auto",
                         encoder_weights: str | os.PathLike | None = None, engine: str = "auto",
                         num_threads: int | None = None) -> "Captioner":
-        """Load a checkpoint directory; with no ``path``, the bundled model in ``assets/model``.
+        """Load a checkpoint directory.
 
-        Pretrained encoder weights are resolved as in training (see :func:`captioner.models.weights.resolve_weights`) unless
-        the checkpoint carries its own (fine-tuned or user-supplied); ``encoder_weights`` overrides.
-        ``engine``: ``"torch"``, ``"onnx"`` (ONNX Runtime on the CPU) or ``"auto"`` (ONNX Runtime when on
-        the CPU and onnxruntime is installed). The ONNX engine runs graphs it exports itself from the loaded
-        weights (cached per user, see :mod:`captioner.models.onnx_engine`), never graph files found in ``path``.
-        ``num_threads``: CPU threads of each ONNX Runtime session (default: PyTorch's count); bulk captioning
-        runs two stages at once, each on half the cores (:func:`captioner.runtime.stage_threads`).
+        Args:
+            path (str or os.PathLike, optional): the checkpoint directory (``config.json``, ``vocab.json``,
+                ``model.safetensors``). Default: the bundled model in ``assets/model``.
+            device (str or torch.device, optional): ``"auto"`` (CUDA, then Apple's MPS, then the CPU; the CPU
+                for ``engine="onnx"``), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``. Default: ``"auto"``.
+            encoder_weights (str or os.PathLike, optional): a file of encoder weights to use instead of the
+                checkpoint's; the preprocessing the decoder learnt with stays. Default: the checkpoint's own
+                (fine-tuned or user-supplied) if it carries them, else the pretrained ones, resolved as in training
+                (see :func:`captioner.models.weights.resolve_weights`).
+            engine (str, optional): ``"torch"``, ``"onnx"`` (ONNX Runtime on the CPU) or ``"auto"`` (ONNX Runtime
+                when on the CPU and onnxruntime is installed). The ONNX engine runs graphs it exports itself from
+                the loaded weights (cached per user, see :mod:`captioner.models.onnx_engine`), never graph files
+                found in ``path``. Default: ``"auto"``.
+            num_threads (int, optional): CPU threads of each ONNX Runtime session, 1 to 1024; bulk captioning runs
+                two stages at once, each on half the cores (:func:`captioner.runtime.stage_threads`). Default:
+                PyTorch's thread count.
+
+        Returns:
+            Captioner: the model, in eval mode, on ``device``.
+
+        Raises:
+            CheckpointError: the directory is missing, incomplete, unsafe or inconsistent.
+            ConfigError: a bad ``device``, ``engine`` or ``num_threads``.
+            WeightsError: no pretrained encoder weights could be found (the message lists every remedy).
         """
         if num_threads is not None:
             num_threads = check_value("num_threads", num_threads, int, (1, MAX_THREADS))
@@ -334,6 +355,60 @@ class Captioner(nn.Module):
         if not torch.isfinite(features).all():
             raise ConfigError("features hold NaN or infinite values")
         return features.to(next(self.decoder.parameters()).dtype)
+
+def export_checkpoint(paths: Sequence[str | os.PathLike], out: str | os.PathLike, half_precision: bool = False,
+                      format: str = "safetensors", options: dict | None = None) -> tuple[Path, Captioner]:
+    """``captioner export``: load the checkpoints ``paths``, join several into an ensemble, and save them once.
+
+    The weights, the default decoding (the first model's with ``options`` applied) and, for ``format="onnx"``,
+    the graphs are written as one set into a folder swapped in whole, so a failed export leaves ``out`` as it
+    was. ``out`` may be the one model itself only to add graphs beside its files (its training state stays).
+    ``half_precision`` stores float16 weights, rounded first so that the graphs compute exactly those; a model
+    stored in float16 and exported without it is widened to float32, with a warning. Returns ``out`` and the
+    model saved.
+    """
+    from safetensors import safe_open
+
+    options = options or {}
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(EXPORT_FORMATS)}, not {str(format)[:20]!r}")
+    if len(paths) > MAX_MEMBERS:
+        raise ConfigError(f"an ensemble holds at most {MAX_MEMBERS} decoders, not {len(paths)}")
+    out = checkpoint.check_replaceable(out)
+    in_place = out.resolve() in {Path(path).resolve() for path in paths}
+    if in_place and (format != "onnx" or options or half_precision or len(paths) > 1):
+        raise ConfigError("OUT may be MODEL only to add ONNX graphs (one MODEL, --format onnx, no other options)")
+    models = [Captioner.from_pretrained(path, device="cpu", engine="torch") for path in paths]
+    model = models[0] if len(models) == 1 else Captioner.ensemble(models)
+    model.generation_config = model.generation_config.updated(**options)
+    stored_half = []
+    for path in paths:
+        with safe_open(str(Path(path) / checkpoint.MODEL_FILE), "pt") as weights:
+            stored_half.append(any(weights.get_slice(name).get_dtype() == "F16" for name in weights.keys()))
+    half = half_precision or (in_place and stored_half[0])
+    for path, is_half in zip(paths, stored_half):
+        if is_half and not half:
+            log.warning("%s stores float16 weights; the copy is float32 (twice the size) unless --half-precision",
+                        path)
+    if half:  # the graphs must compute exactly the weights saved
+        rounded = [model.decoder, *([model.encoder] if model.encoder.config.weights.stored else [])]
+        with torch.no_grad():
+            for tensor in (t for module in rounded for t in module.state_dict().values() if t.is_floating_point()):
+                tensor.copy_(tensor.half().float())
+    files: dict[str, Callable[[Path], None]] = {}
+    if format == "onnx":
+        files = {name: functools.partial(_write_bytes, data=data)
+                 for name, data in onnx_engine.export_graphs(model.encoder, model.decoder).items()}
+    if in_place:  # a run's training state and scores stay beside its weights
+        files.update({name: functools.partial(shutil.copyfile, out / name) for name in checkpoint.RUN_FILES
+                      if (out / name).is_file()})
+    model.save_pretrained(out, half_precision=half, extra_files=files)
+    return out, model
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
 
 def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)

@@ -11,25 +11,16 @@ declared. Floats must be finite.
 
 from __future__ import annotations
 
-import errno
 import functools
-import json
 import math
-import os
 import re
-import stat
 import types
 import typing
 from collections.abc import Iterable
 from dataclasses import MISSING, field, fields
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 from .errors import CaptionerError, ConfigError
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]  # the same parser under its former name
 
 
 T = TypeVar("T")
@@ -243,105 +234,6 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return "_" not in text
-
-
-UTF8_BOM = b"\xef\xbb\xbf"
-_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a pipe", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device",
-          stat.S_IFSOCK: "a socket"}
-
-
-def open_regular(path: str | os.PathLike, name: str, what: str, instead: str = "", pipes: bool = False,
-                 error: type[CaptionerError] = ConfigError, follow: bool = True, dir_fd: int | None = None) -> BinaryIO:
-    """Regular file ``path`` (or, with ``pipes``, a pipe) opened for reading, or a one-line ``error``
-    starting with ``name``: ``<what> not found``, ``cannot read the <what> (reason)`` or ``<what> is not a
-    regular file (a device)`` followed by ``instead``. Without ``follow`` a link is refused (``cannot read``);
-    ``dir_fd`` is the open folder a relative ``path`` is in.
-
-    Opened without blocking and checked on the descriptor, not the name (which a rename could change
-    meanwhile), so that a device such as /dev/zero or a folder is refused before anything is read, and
-    a named pipe without a writer reads as empty instead of blocking forever.
-    """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
-    try:
-        descriptor = os.open(path, flags, dir_fd=dir_fd)
-    except FileNotFoundError:
-        raise error(f"{name}: {what} not found") from None
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:  # what opening a socket gives
-            raise error(f"{name}: {what} is not a regular file (a socket or device){instead}") from None
-        raise error(f"{name}: cannot read the {what} ({exc.strerror or exc})") from None
-    try:
-        check_kind(descriptor, name, what, instead, pipes, error)
-    except CaptionerError:
-        os.close(descriptor)
-        raise
-    os.set_blocking(descriptor, True)
-    return open(descriptor, "rb")
-
-
-def check_kind(descriptor: int, name: str, what: str, instead: str = "", pipes: bool = False,
-               error: type[CaptionerError] = ConfigError) -> None:
-    """Nothing if open ``descriptor`` is a regular file (or, with ``pipes``, a pipe); else ``error``:
-    ``<name>: <what> is not a regular file (a device)`` followed by ``instead``. For what arrives already
-    open (standard input) as for what :func:`open_regular` opens."""
-    mode = os.fstat(descriptor).st_mode
-    if not (stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode))):
-        raise error(f"{name}: {what} is not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special')}){instead}")
-
-
-READ_CHUNK = 1 << 20
-
-
-def read_bounded(path: str | os.PathLike, limit: int, name: str, what: str,
-                 error: type[CaptionerError] = ConfigError, follow: bool = True, dir_fd: int | None = None) -> bytes:
-    """The bytes of regular file ``path`` (:func:`open_regular`), at most ``limit``; else ``error``:
-    ``<name>: <what> larger than <limit> bytes``, a file larger by its size refused unread.
-
-    Memory follows what is read, never ``limit``: the file is read in one piece of its size (plus a byte, to
-    see it grow), then in chunks (a growing file, or one whose size says 0, as in /proc). Reading ``limit + 1``
-    bytes at once reserves that much: 2 GiB for every ONNX graph read from the cache, which a 6 GB
-    address-space limit did not allow.
-    """
-    with open_regular(path, name, what, error=error, follow=follow, dir_fd=dir_fd) as handle:
-        size = os.fstat(handle.fileno()).st_size
-        if size > limit:
-            raise error(f"{name}: {what} larger than {limit} bytes")
-        parts, total, step = [], 0, size + 1 if size else READ_CHUNK
-        try:
-            while total <= limit and (part := handle.read(min(step, limit + 1 - total))):
-                parts.append(part)
-                total, step = total + len(part), READ_CHUNK
-        except OSError as exc:
-            raise error(f"{name}: cannot read the {what} ({exc.strerror or exc})") from None
-    if total > limit:
-        raise error(f"{name}: {what} larger than {limit} bytes")
-    return b"".join(parts)
-
-
-def read_json(path: str | os.PathLike, limit: int, what: str, error: type[CaptionerError] = ConfigError,
-              toml: bool = False) -> Any:
-    """The parsed JSON (or, with ``toml``, TOML) of file ``path``, read by :func:`read_bounded`.
-
-    The one reader of every JSON file that comes from outside (config files, annotations, checkpoints), so
-    each fails the same way: one ``error`` line naming the file, never a traceback or a parser's
-    multi-line message.
-    """
-    name = str(path)
-    raw = read_bounded(path, limit, name, what, error=error).removeprefix(UTF8_BOM)  # which Windows editors write
-    syntax = "TOML" if toml else "JSON"
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise error(f"{name}: invalid {what} (not UTF-8 text: invalid byte at offset {exc.start})") from None
-    try:
-        return tomllib.loads(text) if toml else json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise error(f"{name}: invalid {what} (malformed JSON at line {exc.lineno}, column {exc.colno}: "
-                    f"{exc.msg})") from None
-    except ValueError as exc:  # a TOML syntax error, or an integer of more than 4300 digits
-        raise error(f"{name}: invalid {what} (unusable {syntax}: {str(exc).partition(chr(10))[0]})") from None
-    except RecursionError:
-        raise error(f"{name}: invalid {what} ({syntax} nested too deeply)") from None
 
 
 def describe_bounds(item) -> str:

@@ -8,11 +8,9 @@ never a mixture. Pickle files are refused outright: nothing in a checkpoint is e
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from . import bounds
+from . import files
 from .errors import CaptionerError, CheckpointError, OutputError
+from .files import recover
 
 CONFIG_FILE, VOCAB_FILE, MODEL_FILE, ENCODER_FILE = "config.json", "vocab.json", "model.safetensors", "encoder.safetensors"
 # A training run's: resume state in last/ (train_state), the selecting scores in best/.
@@ -38,97 +37,23 @@ WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty temporary directory; on success it replaces ``path`` in one swap.
+    """Yield an empty temporary directory; on success it replaces ``path`` in one swap
+    (:func:`captioner.files.atomic_directory`: concurrent writers all succeed, the last one wins).
 
-    Concurrent writers each fill their own temporary and swap one at a time, so all succeed and the
-    last one wins. A write that fails (full disk, read-only folder) is a :class:`CheckpointError`
-    and leaves ``path`` as it was.
+    A write that fails (full disk, read-only folder) is a :class:`CheckpointError` and leaves ``path`` as it was.
     """
     path = Path(path)
-    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_dead_writers(path.parent, f".{path.name}.tmp-*")
-        temporary.mkdir()
-        yield temporary
-        for file in temporary.iterdir():
-            _fsync(file)
-        with _swap_lock(path):
-            previous = path.parent / f".{path.name}.old-{os.getpid()}"
-            if os.path.lexists(path):  # a link too (a cache entry may be one): moved aside, never followed
-                os.rename(path, previous)  # from here until the next rename, recover() restores it
-            os.rename(temporary, path)
-            _fsync(path.parent)
-            for obsolete in path.parent.glob(f".{path.name}.old-*"):  # ours, and any a killed writer left behind
-                _remove(obsolete)
+        with files.atomic_directory(path) as temporary:
+            yield temporary
     except (OSError, SafetensorError) as exc:
         raise CheckpointError(f"{path}: checkpoint not saved ({_reason(exc)}); any previous one is kept") from None
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def _reason(exc: Exception) -> str:
     """The operating system's words for a failed write; safetensors wraps them as ``... (os error 28)``."""
     code = getattr(exc, "errno", None) or next(map(int, re.findall(r"os error (\d+)", str(exc))), None)
     return os.strerror(code) if code else str(exc)
-
-
-def remove_dead_writers(folder: Path, pattern: str) -> None:
-    """Delete temporaries named ``<pattern>``, ``...tmp-<pid>[-...]``, whose writing process is gone."""
-    for stale in folder.glob(pattern):
-        pid = stale.name.rpartition(".tmp-")[2].split("-")[0]
-        if not (pid.isdigit() and _alive(int(pid))):
-            _remove(stale)
-
-
-def _remove(path: Path) -> None:
-    """Delete a file, a link (not what it points to) or a folder; one another process removed is fine."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return pid > 0
-
-
-@contextlib.contextmanager
-def _swap_lock(path: Path) -> Iterator[None]:
-    """Held while ``path`` is swapped (two renames), so swaps and recoveries of it never interleave."""
-    descriptor = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(descriptor)
-
-
-def recover(path: str | os.PathLike[str]) -> Path:
-    """Undo a swap interrupted between its two renames, then return ``path``."""
-    path = Path(path)
-    if not path.exists() and path.parent.is_dir() and any(path.parent.glob(f".{path.name}.old-*")):
-        with _swap_lock(path):  # not a swap in progress: that one would still hold the lock
-            leftovers = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
-            if leftovers and not path.exists():
-                os.rename(leftovers[-1], path)
-    return path
-
-
-def _fsync(path: Path) -> None:
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    descriptor = os.open(path, flags)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def check_directory(path: str | os.PathLike[str]) -> Path:
@@ -209,19 +134,12 @@ def check_output_file(path: Path, flag: str) -> Path:
 
 
 def write_atomically(path: Path, text: str, flag: str) -> None:
-    """Write ``text`` to a temporary beside ``path``, then rename it over ``path``: a crash or a full disk leaves
+    """Write ``text`` to ``path`` atomically (:func:`captioner.files.atomic_file`): a crash or a full disk leaves
     the previous file or the complete new one, never half of one. A failure is one :class:`OutputError` line."""
-    remove_dead_writers(path.parent, f".{path.name}.tmp-*")
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        with files.atomic_file(path) as temporary:
+            temporary.write_text(text, encoding="utf-8")
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
         raise OutputError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from None
 
 
@@ -230,8 +148,8 @@ def write_json(path: Path, data) -> None:
 
 
 def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
-    """Parsed JSON of a checkpoint file (:func:`captioner.bounds.read_json`), problems as :class:`CheckpointError`."""
-    return bounds.read_json(path, max_bytes, "checkpoint file", CheckpointError)
+    """Parsed JSON of a checkpoint file (:func:`captioner.files.read_json`), problems as :class:`CheckpointError`."""
+    return files.read_json(path, max_bytes, "checkpoint file", CheckpointError)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

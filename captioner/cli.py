@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .bounds import check_options, describe_bounds, field_types, read_json
+from .bounds import check_options, describe_bounds, field_types
 from .errors import CaptionerError, ConfigError
+from .files import read_json
 
 log = logging.getLogger("captioner")
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
 from dataclasses import dataclass, fields
 from typing import Optional
 
 import pytest
 from conftest import ROOT
 
-from captioner.bounds import check_fields, field_types, from_dict, json_schema, option, read_bounded
+from captioner.bounds import check_fields, field_types, from_dict, json_schema, option
 from captioner.generation.config import GenerationConfig
 from captioner.models.encoder import EncoderConfig
 from captioner.errors import CaptionerError, ConfigError
@@ -146,28 +145,3 @@ def test_from_dict_builds_the_dataclass():
     assert from_dict(Options, {"count": 3, "name": "x"}) == Options(count=3, name="x")
     with pytest.raises(ConfigError, match=r"^here: unknown field\(s\) size$"):
         from_dict(Options, {"size": 3}, where="here")
-
-
-def test_read_bounded_reads_what_a_file_holds_whatever_its_size_says(tmp_path):
-    """A file is read in a piece of its size, then in chunks: /proc's files say 0 bytes and hold more."""
-    status = read_bounded("/proc/self/status", 1 << 20, "status", "file")
-    assert b"VmSize:" in status and status.endswith(b"\n")
-    with pytest.raises(ConfigError, match="^status: file larger than 100 bytes$"):
-        read_bounded("/proc/self/status", 100, "status", "file")
-    (tmp_path / "small").write_bytes(b"12345")
-    assert read_bounded(tmp_path / "small", 5, "small", "file") == b"12345"
-    with pytest.raises(ConfigError, match="^small: file larger than 4 bytes$"):
-        read_bounded(tmp_path / "small", 4, "small", "file")
-
-
-def test_read_bounded_without_following_refuses_a_link_and_reads_beside_a_folder(tmp_path):
-    (tmp_path / "real").write_bytes(b"data")
-    (tmp_path / "link").symlink_to(tmp_path / "real")
-    assert read_bounded(tmp_path / "link", 10, "link", "file") == b"data"
-    with pytest.raises(ConfigError, match=r"^link: cannot read the file \(Too many levels of symbolic links\)$"):
-        read_bounded(tmp_path / "link", 10, "link", "file", follow=False)
-    folder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        assert read_bounded("real", 10, "real", "file", follow=False, dir_fd=folder) == b"data"
-    finally:
-        os.close(folder)

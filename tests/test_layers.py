@@ -5,7 +5,7 @@
     models       encoder, decoder, Captioner       never imports train or serve
     generation   config, search                    works on any step decoder: never imports models
     data         images, vocab, annotations, loader
-    foundation   errors < bounds < runtime, checkpoint, metrics < distributed   (root modules, in this order)
+    foundation   errors < files < bounds < runtime, checkpoint, metrics < distributed   (root modules, in this order)
 
 Lazy imports inside functions count too.
 """
@@ -18,7 +18,7 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "captioner"
 ENTRY = {"cli", "__init__", "__main__"}
-FOUNDATION = [{"errors"}, {"bounds"}, {"runtime", "checkpoint", "metrics"}, {"distributed"}]  # lowest first
+FOUNDATION = [{"errors"}, {"files"}, {"bounds"}, {"runtime", "checkpoint", "metrics"}, {"distributed"}]  # lowest first
 MAY_IMPORT = {
     "foundation": set(),
     "data": {"foundation"},

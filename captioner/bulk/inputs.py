@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ..bounds import UTF8_BOM, check_kind, check_value, open_regular
+from ..bounds import check_value
 from ..data.images import IMAGE_EXTENSIONS
 from ..distributed import launched_rank
 from ..errors import ConfigError
+from ..files import UTF8_BOM, check_kind, open_regular
 
 log = logging.getLogger(__name__)
 

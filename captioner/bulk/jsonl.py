@@ -7,7 +7,6 @@ writes to stdout, as JSON lines or as ``file<TAB>caption``.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from typing import BinaryIO, NamedTuple, Protocol
 from ..checkpoint import check_writable
 from ..distributed import launched_rank
 from ..errors import ConfigError, OutputError
+from ..files import lock, release
 
 log = logging.getLogger(__name__)
 MAX_RECORD_BYTES = 1 << 20  # one JSON line; ours are a few KB even with 64 captions
@@ -85,19 +85,6 @@ class Writer(Protocol):
     def close(self) -> None: ...
 
 
-_LOCKS: set[int] = set()  # the descriptors of the --out locks this process holds
-
-
-def _leave_locks_to_parent() -> None:
-    """In a forked child (a DataLoader worker), close the copies of the lock descriptors: a ``flock`` lasts
-    while any copy is open, and the lock must end with the process that holds it, not with its last worker."""
-    while _LOCKS:
-        os.close(_LOCKS.pop())
-
-
-os.register_at_fork(after_in_child=_leave_locks_to_parent)
-
-
 class JsonlFile:
     """Appends records to ``path``, one flushed write per batch, holding an exclusive lock on it.
 
@@ -125,26 +112,22 @@ class JsonlFile:
             raise
 
     def _lock(self) -> int:
-        """An exclusive ``flock`` on a descriptor of its own, which nothing else in this process touches.
+        """An exclusive ``flock`` (:func:`captioner.files.lock`) on a descriptor of its own, which nothing else in
+        this process touches.
 
         The kernel drops it when this process ends, however it ends, so a rerun after a kill is let in at once.
         Nothing else drops it: a POSIX lock (``lockf``) ends when the process closes any descriptor of the file,
         as the image loader did with an ``--out`` among the inputs, letting a second run in. Forked loader
-        workers, which would keep a ``flock`` alive past this process, close their copy
-        (:func:`_leave_locks_to_parent`).
+        workers, which would keep a ``flock`` alive past this process, close their copy.
         """
-        descriptor = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            if not os.path.samestat(os.fstat(descriptor), os.fstat(self.handle.fileno())):
-                raise OutputError(f"--out {self.path}: replaced by another file while being opened; run again")
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BaseException as exc:
-            os.close(descriptor)
-            if isinstance(exc, BlockingIOError):
-                raise OutputError(f"--out {self.path}: another captioner is writing to it; wait for it or choose "
-                                  "another --out") from None
-            raise
-        _LOCKS.add(descriptor)
+            descriptor = lock(self.path, blocking=False, flags=os.O_RDONLY)
+        except BlockingIOError:
+            raise OutputError(f"--out {self.path}: another captioner is writing to it; wait for it or choose "
+                              "another --out") from None
+        if not os.path.samestat(os.fstat(descriptor), os.fstat(self.handle.fileno())):
+            release(descriptor)
+            raise OutputError(f"--out {self.path}: replaced by another file while being opened; run again")
         return descriptor
 
     def _claim(self) -> dict[str, bool]:
@@ -169,8 +152,7 @@ class JsonlFile:
         """Flush and close the file, then release the lock, so that no run gets in before the last records."""
         self.handle.close()
         if self.lock is not None:
-            _LOCKS.discard(self.lock)
-            os.close(self.lock)
+            release(self.lock)
             self.lock = None
 
 

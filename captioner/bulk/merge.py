@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from ..bounds import open_regular
 from ..errors import ConfigError, DataError, OutputError
+from ..files import atomic_file, open_regular
 from .inputs import without_outputs
 from .jsonl import Entry, part_path, scan_records
 
@@ -59,18 +59,13 @@ def merge(files: Sequence[str], parts: Sequence[Path], out: Path) -> int:
         files = without_outputs(files, parts, found, "one of the parts")
         _check_complete(files, found, twice)
         _keep_nothing_lost(out, found)
-        temporary = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         try:
-            with open(temporary, "wb") as target:
+            with atomic_file(out) as temporary, open(temporary, "wb") as target:
                 for file in files:
                     handle, entry = found[file]
                     handle.seek(entry.start)
                     target.write(handle.read(entry.end - entry.start))
-                target.flush()
-                os.fsync(target.fileno())
-            os.replace(temporary, out)
         except OSError as exc:
-            temporary.unlink(missing_ok=True)
             raise OutputError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
     finally:
         for handle in handles:

@@ -19,8 +19,8 @@ from typing import TypeGuard
 
 import torch
 
-from ..bounds import read_json
 from ..errors import DataError
+from ..files import read_json
 from .vocab import END_ID, START_ID, Vocabulary, pad, tokenize
 
 MAX_EXAMPLES = 3

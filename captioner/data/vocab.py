@@ -17,8 +17,8 @@ import torch
 from nltk.tokenize import word_tokenize
 from nltk.tokenize.treebank import TreebankWordDetokenizer
 
-from ..bounds import read_json
 from ..errors import CheckpointError, ConfigError
+from ..files import read_json
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checkpoint
-from ..bounds import read_bounded
 from ..data.vocab import START_ID
 from ..errors import CheckpointError, ConfigError
+from ..files import read_bounded
 from ..generation.search import State
 from ..runtime import cache_dir
 from .decoder import (

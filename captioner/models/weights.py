@@ -22,9 +22,9 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 from torchvision import models
 
-from ..bounds import open_regular
 from ..checkpoint import MAX_TENSOR_FILE_BYTES, check_shapes, check_values
 from ..errors import ConfigError, WeightsError
+from ..files import open_regular
 from .preprocessing import Preprocessing
 
 

@@ -19,8 +19,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..bounds import read_bounded
 from ..errors import ConfigError
+from ..files import read_bounded
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ and rows that are not finite, are ignored with a warning and encoded again.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -26,10 +25,11 @@ import torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from ..checkpoint import remove_dead_writers, save_tensors
+from ..checkpoint import save_tensors
 from ..data.loader import image_batches
 from ..distributed import Distributed
 from ..errors import ImageError, OutputError
+from ..files import atomic_file
 from ..models.encoder import Encoder
 
 log = logging.getLogger(__name__)
@@ -211,18 +211,13 @@ class FeatureCache:
         return digests, rows.float()
 
     def _write(self, digests: list[str], features: torch.Tensor, part: bool = False) -> Path:
-        """Write rows under a temporary name, then rename: the cache file, or a new part of it."""
+        """Write rows atomically (:func:`captioner.files.atomic_file`): the cache file, or a new part of it."""
         unique = f"{os.getpid()}-{os.urandom(4).hex()}"
         target = self.path.with_name(f"{self.path.stem}.part-{unique}.safetensors") if part else self.path
-        temporary = target.with_name(f".{target.name}.tmp-{unique}")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            remove_dead_writers(target.parent, f".{self.path.stem}*.tmp-*")
-            save_tensors({"features": features}, temporary, metadata={"digests": json.dumps(digests)})
-            os.replace(temporary, target)
+            with atomic_file(target, stale=f".{self.path.stem}*.tmp-*") as temporary:  # the parts' too
+                save_tensors({"features": features}, temporary, metadata={"digests": json.dumps(digests)})
         except (OSError, SafetensorError) as exc:
-            with contextlib.suppress(OSError):
-                temporary.unlink(missing_ok=True)
             raise OutputError(f"{target.parent}: cannot write the feature cache ({getattr(exc, 'strerror', None) or exc})"
                               "; free some space or choose another --feature-cache") from None
         return target

@@ -7,16 +7,16 @@ a read-only or full disk, or a second run with the same ``--out``, fails at once
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..checkpoint import OUR_FILES, check_writable
 from ..distributed import Distributed
 from ..errors import OutputError
+from ..files import atomic_file, lock, release
 from ..runtime import cache_dir
 from .config import TrainConfig
 
@@ -30,7 +30,7 @@ def claim_output(config: TrainConfig, dist: Distributed) -> Iterator[None]:
     Checked before any work, so a read-only or full disk, ``--out`` naming a file, or a second run with
     the same ``--out`` fails at once, not after an epoch. Rank 0 checks; every rank raises its error.
     """
-    out, lock, problem = Path(config.out), None, None
+    out, held, problem = Path(config.out), None, None
     if dist.is_main:
         folders = {"--out": out}
         if not config.finetune_encoder:
@@ -39,7 +39,7 @@ def claim_output(config: TrainConfig, dist: Distributed) -> Iterator[None]:
             _check_run_folder(out)
             for flag, folder in folders.items():
                 check_writable(folder, flag)
-            lock = _lock(out)
+            held = _lock(out)
         except OutputError as exc:
             problem = str(exc)
         except OSError as exc:  # the lock itself, on a file system without locks
@@ -50,8 +50,8 @@ def claim_output(config: TrainConfig, dist: Distributed) -> Iterator[None]:
     try:
         yield
     finally:
-        if lock is not None:
-            os.close(lock)
+        if held is not None:
+            release(held)
 
 
 def _check_run_folder(out: Path) -> None:
@@ -79,14 +79,14 @@ def _check_run_folder(out: Path) -> None:
 
 
 def _lock(out: Path) -> int:
-    """An exclusive lock on ``out/.lock``, which holds our pid; the kernel releases it when the process
-    ends, however it ends, so a killed run never leaves ``--out`` locked."""
-    descriptor = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    """An exclusive lock on ``out/.lock`` (:func:`captioner.files.lock`), which holds our pid; the kernel releases it
+    when the process ends, however it ends, so a killed run never leaves ``--out`` locked."""
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        descriptor = lock(out / LOCK_FILE, blocking=False)
     except BlockingIOError:
-        holder = os.read(descriptor, 32).decode("ascii", "replace").strip()
-        os.close(descriptor)
+        holder = ""
+        with suppress(OSError):
+            holder = (out / LOCK_FILE).read_bytes()[:32].decode("ascii", "replace").strip()
         raise OutputError(f"--out {out}: another training (pid {holder if holder.isdigit() else 'unknown'}) is "
                           "writing there; wait for it to finish or choose another --out") from None
     os.ftruncate(descriptor, 0)
@@ -96,10 +96,8 @@ def _lock(out: Path) -> int:
 
 def write_log(out: Path, history: list[dict], metric: str) -> None:
     """Rewrite log.jsonl and training.png from the whole history (so a resumed run has one log)."""
-    out.mkdir(parents=True, exist_ok=True)
-    temporary = out / f".{LOG_FILE}.tmp"
-    temporary.write_text("".join(json.dumps(entry) + "\n" for entry in history), encoding="utf-8")
-    temporary.replace(out / LOG_FILE)
+    with atomic_file(out / LOG_FILE) as temporary:
+        temporary.write_text("".join(json.dumps(entry) + "\n" for entry in history), encoding="utf-8")
     import matplotlib
 
     matplotlib.use("Agg")

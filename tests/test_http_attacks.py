@@ -33,7 +33,7 @@ from captioner.serve.http import Service, standalone_app
 from captioner.serve.limits import ServerLimits
 from captioner.serve.logs import RepeatFilter
 from conftest import ROOT
-from test_http import PHOTOS, _answers, free_port, post, serving, wait_for
+from test_http import PHOTOS, _answers, free_port, post, server_errors, serving, wait_for
 
 KEY = "k" * 12 + "-secret-key"
 SLOW_BODY = b"POST /v1/caption HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\nabc"
@@ -70,7 +70,8 @@ def test_stalled_bodies_hold_no_place_and_get_408(tiny_model, photos):
     """Slow bodies used to fill the places meant for the model (every other request got 503); now a request takes
     a place only once its body is in, and a body that stops arriving gets 408 and its connection is closed."""
     limits = ServerLimits(body_timeout_s=1.0, header_timeout_s=30)
-    with serving(tiny_model, BatchConfig(max_batch=1, max_queue=1), limits=limits) as (url, _):
+    with (server_errors() as errors,
+          serving(tiny_model, BatchConfig(max_batch=1, max_queue=1), limits=limits) as (url, _)):
         stalled = [connect(url) for _ in range(6)]  # three times the server's two places
         for sock in stalled:
             sock.sendall(SLOW_BODY)
@@ -81,12 +82,13 @@ def test_stalled_bodies_hold_no_place_and_get_408(tiny_model, photos):
             assert data.startswith(b"HTTP/1.1 408 ") and b"the request body stopped arriving (3 bytes" in data
             assert took < 5
             sock.close()
+    assert not errors, [logging.Formatter().format(record) for record in errors]
 
 
 @pytest.mark.slow  # seconds of timeouts
 def test_headers_that_never_end_and_idle_connections_are_closed(tiny_model, photos):
     limits = ServerLimits(header_timeout_s=0.5, keep_alive_s=0.5)
-    with serving(tiny_model, BatchConfig(), limits=limits) as (url, _):
+    with server_errors() as errors, serving(tiny_model, BatchConfig(), limits=limits) as (url, _):
         slowloris, idle = connect(url), connect(url)
         slowloris.sendall(b"POST /v1/caption HTTP/1.1\r\nHost: localhost\r\n")
         for sock in (slowloris, idle):
@@ -98,11 +100,12 @@ def test_headers_that_never_end_and_idle_connections_are_closed(tiny_model, phot
         data, took = answer_of(kept)  # answered, then closed once idle for keep_alive_s
         assert data.startswith(b"HTTP/1.1 200 ") and took < 5
         assert post(url, photos[0]).status_code == 200
+    assert not errors, [logging.Formatter().format(record) for record in errors]
 
 
 def test_connections_past_the_cap_are_refused_at_once_and_logged_once(tiny_model, photos, caplog):
     limits = ServerLimits(max_connections=4, header_timeout_s=30)
-    with (filtered(caplog.handler, RepeatFilter(interval_s=60)),
+    with (filtered(caplog.handler, RepeatFilter(interval_s=60)), server_errors() as errors,
           serving(tiny_model, BatchConfig(), limits=limits) as (url, _)):
         held = [connect(url) for _ in range(4)]
         time.sleep(0.2)
@@ -116,6 +119,7 @@ def test_connections_past_the_cap_are_refused_at_once_and_logged_once(tiny_model
             sock.close()
         wait_for(lambda: _answers(f"{url}/v1/health"))
         assert post(url, photos[0]).status_code == 200
+    assert not errors, [logging.Formatter().format(record) for record in errors]
 
 
 @contextmanager
@@ -161,7 +165,8 @@ def test_a_costly_upload_fails_alone_and_the_others_are_answered(tiny_model, pho
                          ("large", ServerLimits(decode_memory_mb=64, decode_timeout_s=30)),
                          ("jpeg2000", ServerLimits())]:
         data, reason = costly[name]
-        with serving(tiny_model, BatchConfig(), limits=limits) as (url, _), ThreadPoolExecutor(8) as pool:
+        with (server_errors() as errors, serving(tiny_model, BatchConfig(), limits=limits) as (url, _),
+              ThreadPoolExecutor(8) as pool):
             bad = [pool.submit(post, url, data) for _ in range(4)]
             good = [pool.submit(post, url, photo) for photo in photos]
             for future in bad:
@@ -170,6 +175,7 @@ def test_a_costly_upload_fails_alone_and_the_others_are_answered(tiny_model, pho
                 assert reason in answer.json()["detail"], answer.json()
             for photo, future in zip(photos, good):
                 assert future.result().json()["captions"][0]["text"] == tiny_model.caption(photo)
+        assert not errors, (name, [logging.Formatter().format(record) for record in errors])
 
 
 # ---------------------------------------------------------------------------------------- options of any text

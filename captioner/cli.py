@@ -4,25 +4,27 @@ thin layers over the package.
 User mistakes (bad files, bad options) print ``error: <one line>`` and exit with status 2; a file
 that cannot be captioned is reported and skipped, and the exit status is 1 at the end, as it is when
 a loader process is killed (one line too).
+
+Building the parser imports no PyTorch (nor torchvision, ONNX Runtime or Gradio): the option dataclasses it reads
+live in torch-free modules, each command's handler imports what it runs, and ``train``'s flags, whose config
+module imports the models, are added only when ``train`` is the command. So ``--help`` and ``captioner merge``
+start at once (tests/test_import_cost.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import cast
 
 from .bounds import check_options, describe_bounds, field_types
 from .errors import CaptionerError, ConfigError
 from .files import read_json
-
-log = logging.getLogger("captioner")
 
 
 def add_dataclass_options(parser: argparse._ActionsContainer, cls, defaults: dict | None = None,
@@ -41,8 +43,12 @@ def add_dataclass_options(parser: argparse._ActionsContainer, cls, defaults: dic
         else:
             factory = item.default_factory
             default = repr(item.default if item.default is not MISSING else factory() if factory is not MISSING else None)
-        details = "; ".join(filter(None, [describe_bounds(item), f"default: {default}"]))
-        kwargs: dict = {"default": None, "help": f"{item.metadata.get('help', '')} ({details})"}
+        text = item.metadata.get("help", "")
+        # A help text that names its default already ("... (default: the first)"), or an empty-string default,
+        # shows no second "default:".
+        shown = None if "(default" in text or default == "''" else f"default: {default}"
+        details = "; ".join(filter(None, [describe_bounds(item), shown]))
+        kwargs: dict = {"default": None, "help": f"{text} ({details})" if details else text}
         kind = kinds[item.name][0]  # X of X | None: an absent flag is None already
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -80,9 +86,7 @@ def read_config_file(path: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- train
-def _train_parser(sub) -> None:
-    from .train.config import TrainConfig
-
+def _train_parser(sub: _Commands) -> None:
     parser = sub.add_parser("train", help="train a captioner on COCO-style data", parents=[_common()],
                             description="Train a Show-and-Tell captioner. Options come from the defaults, then "
                                         "--config FILE, then flags; with --resume, from the interrupted run.")
@@ -90,8 +94,14 @@ def _train_parser(sub) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last complete epoch (optimizer, schedule and "
                              "random state included); its saved options apply unless given again")
-    add_dataclass_options(parser, TrainConfig)
+    sub.when_chosen("train", _train_options)
     parser.set_defaults(handler=_train)
+
+
+def _train_options(parser: argparse.ArgumentParser) -> None:
+    from .train.config import TrainConfig  # imports the models (PyTorch): only when the command is train
+
+    add_dataclass_options(parser, TrainConfig)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -116,7 +126,7 @@ def _train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- caption
 def _engine_option(parser: argparse.ArgumentParser) -> None:
-    from .models.onnx_engine import ENGINES
+    from .runtime import ENGINES
 
     parser.add_argument("--engine", default="auto", choices=ENGINES,
                         help="run the model with ONNX Runtime (CPU only; graphs exported from the weights on first use "
@@ -178,7 +188,8 @@ def _caption_parser(sub) -> None:
     _inputs_options(parser)
     parser.add_argument("--out", metavar="FILE",
                         help="append one JSON line per image to FILE, skipping images it already has (default: "
-                             "print to stdout); under torchrun each rank writes FILE's part .rank-K")
+                             "print to stdout); under torchrun each rank K writes its part beside it, "
+                             "captions.rank-K.jsonl for captions.jsonl")
     parser.add_argument("--shard", metavar="I/N", help="caption only images I, I+N, I+2N... of the inputs (0 <= I < N)")
     parser.add_argument("--num-captions", type=int, dest="num_return_sequences_alias", default=None, metavar="N",
                         help="alias of --num-return-sequences")
@@ -223,7 +234,8 @@ def _merge_parser(sub) -> None:
     _inputs_options(parser)
     parser.add_argument("--out", required=True, metavar="FILE", help="the merged JSON lines file to write")
     parser.add_argument("--parts", nargs="+", metavar="PART",
-                        help="the files to join (default: FILE's torchrun parts, FILE.rank-K)")
+                        help="the files to join (default: FILE's torchrun parts beside it, named as caption "
+                             "--out writes them: captions.rank-K.jsonl for --out captions.jsonl)")
     parser.set_defaults(handler=_merge)
 
 
@@ -299,62 +311,20 @@ def _export_parser(sub) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    """Load, optionally join, and save once: the weights, the decoding defaults and any ONNX graphs are
-    written as one set into a folder swapped in whole, so a failed export leaves OUT as it was."""
-    import torch
-    from safetensors import safe_open
-
-    from . import checkpoint
     from .generation.config import GenerationConfig
-    from .models.captioner import Captioner
-    from .models.decoder import MAX_MEMBERS
-    from .models.onnx_engine import export_graphs
+    from .models.captioner import export_checkpoint
 
-    options = explicit_options(args, GenerationConfig)
-    if len(args.model) > MAX_MEMBERS:
-        raise ConfigError(f"an ensemble holds at most {MAX_MEMBERS} decoders, not {len(args.model)}")
-    out = checkpoint.check_replaceable(args.out)
-    in_place = out.resolve() in {Path(path).resolve() for path in args.model}
-    if in_place and (args.format != "onnx" or options or args.half_precision or len(args.model) > 1):
-        raise ConfigError("OUT may be MODEL only to add ONNX graphs (one MODEL, --format onnx, no other options)")
-    models = [Captioner.from_pretrained(path, device="cpu", engine="torch") for path in args.model]
-    model = models[0] if len(models) == 1 else Captioner.ensemble(models)
-    model.generation_config = model.generation_config.updated(**options)
-    stored_half = []
-    for path in args.model:
-        with safe_open(str(Path(path) / checkpoint.MODEL_FILE), "pt") as weights:
-            stored_half.append(any(weights.get_slice(name).get_dtype() == "F16" for name in weights.keys()))
-    half = args.half_precision or (in_place and stored_half[0])
-    for path, is_half in zip(args.model, stored_half):
-        if is_half and not half:
-            log.warning("%s stores float16 weights; the copy is float32 (twice the size) unless --half-precision",
-                        path)
-    if half:  # the graphs must compute exactly the weights saved
-        rounded = [model.decoder, *([model.encoder] if model.encoder.config.weights.stored else [])]
-        with torch.no_grad():
-            for tensor in (t for module in rounded for t in module.state_dict().values() if t.is_floating_point()):
-                tensor.copy_(tensor.half().float())
-    files: dict[str, Callable[[Path], None]] = {}
-    if args.format == "onnx":
-        files = {name: functools.partial(_write_bytes, data=data)
-                 for name, data in export_graphs(model.encoder, model.decoder).items()}
-    if in_place:  # a run's training state and scores stay beside its weights
-        files.update({name: functools.partial(shutil.copyfile, out / name) for name in checkpoint.RUN_FILES
-                      if (out / name).is_file()})
-    model.save_pretrained(out, half_precision=half, extra_files=files)
+    out, model = export_checkpoint(args.model, args.out, args.half_precision, args.format,
+                                   explicit_options(args, GenerationConfig))
     size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
     print(f"{out}: {size:.1f} MB, default decoding {model.generation_config.to_dict()}")
     return 0
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-
-
 # ---------------------------------------------------------------------------------------- demo, serve
 def _server_options(parser: argparse.ArgumentParser, host: str, port: str) -> None:
     """The options of a server of the model: ``demo`` and ``serve`` take the same."""
-    from .serve.batcher import BatchConfig
+    from .serve.limits import BatchConfig
 
     parser.add_argument("--model", help="checkpoint directory (default: the bundled model)")
     parser.add_argument("--host", help=f"interface to listen on (default: {host})")
@@ -367,7 +337,7 @@ def _server_options(parser: argparse.ArgumentParser, host: str, port: str) -> No
 def _server_arguments(args: argparse.Namespace):
     """The batching options, checked (one line naming a bad one) before any model is loaded."""
     from .runtime import pick_device
-    from .serve.batcher import BatchConfig
+    from .serve.limits import BatchConfig
 
     pick_device(args.device)
     if args.port is not None and not 1 <= args.port <= 65535:
@@ -435,9 +405,27 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+class _Commands(argparse._SubParsersAction):
+    """The subcommands, some of whose options are added only once that command is the one parsed."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+    def when_chosen(self, name: str, add_options: Callable[[argparse.ArgumentParser], None]) -> None:
+        self._pending[name] = add_options
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        add_options = self._pending.pop(values[0], None)
+        if add_options is not None:
+            add_options(self._name_parser_map[values[0]])
+        super().__call__(parser, namespace, values, option_string)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description="Show-and-Tell image captioning.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.register("action", "parsers", _Commands)
+    sub = cast(_Commands, parser.add_subparsers(dest="command", required=True))
     _train_parser(sub)
     _caption_parser(sub)
     _merge_parser(sub)

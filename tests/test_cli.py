@@ -96,9 +96,20 @@ def test_bad_options_fail_cleanly(tiny_model_dir, synthetic, capsys, args, messa
 @pytest.mark.slow
 def test_more_captions_than_beams_widens_the_beam_and_says_so(model_dir, synthetic):
     image = sorted((synthetic / "images").glob("test_*.png"))[0]
-    result = captioner("caption", str(image), "--model", str(model_dir), "--num-captions", "4", "--beam-size", "2")
+    result = captioner("caption", str(image), "--model", str(model_dir), "--num-captions", "4")
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.strip().splitlines()) == 4 and "beam_size raised from 2 to 4" in result.stderr
+    assert len(result.stdout.strip().splitlines()) == 4 and "to 4 to return 4 captions" in result.stderr
+
+
+def test_more_captions_than_the_beam_given_is_refused(tiny_model_dir, synthetic, capsys):
+    from captioner.cli import main
+
+    image = sorted((synthetic / "images").glob("test_*.png"))[0]
+    capsys.readouterr()
+    assert main(["caption", str(image), "--model", str(tiny_model_dir), "--num-captions", "4", "--beam-size", "2"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: num_return_sequences (4) cannot exceed beam_size (2) in beam "
+                                               "search; ask for a beam at least as wide, or leave beam_size out to "
+                                               "widen it")
 
 
 @pytest.mark.slow
@@ -132,3 +143,39 @@ def test_export_half_precision_with_new_default_decoding(model_dir, synthetic, t
     assert (exported.generation_config.beam_size, exported.generation_config.length_penalty) == (5, 0.5)
     images = sorted((synthetic / "images").glob("test_*.png"))[:12]
     assert exported.caption(images) == trained_model.caption(images, beam_size=5, length_penalty=0.5)
+
+
+def test_help_names_each_default_once(capsys):
+    """A help text that names its default already, or an empty-string default, gets no second "default:"."""
+    import argparse
+    from dataclasses import dataclass
+
+    from captioner.bounds import option
+    from captioner.cli import add_dataclass_options, main
+
+    @dataclass
+    class Options:
+        named: str = option("", "the set to use (default: the first)")
+        empty: str = option("", "a folder")
+        count: int = option(3, "how many; the default counts", range=(1, 9))
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_options(parser, Options)
+    helps = {action.dest: action.help for action in parser._actions if action.dest != "help"}
+    assert helps == {"named": "the set to use (default: the first)", "empty": "a folder",
+                     "count": "how many; the default counts (between 1 and 9; default: 3)"}
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: the first)" in text and "(default: '')" not in text and "default: the first) (" not in text
+
+
+def test_merge_help_names_the_parts_caption_writes(capsys):
+    from captioner.bulk.jsonl import part_path
+    from captioner.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert part_path(Path("captions.jsonl"), 3).name == "captions.rank-3.jsonl"
+    assert "captions.rank-K.jsonl for --out captions.jsonl" in text and "FILE.rank-K" not in text

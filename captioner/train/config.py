@@ -188,7 +188,7 @@ class TrainConfig:
         else:
             for name in ("images", "train_captions"):
                 if not getattr(self, name):
-                    raise ConfigError(f"--{name.replace('_', '-')} is required (or --train-set)")
+                    raise ConfigError(f"--{name.replace('_', '-')} is required (or --train-sets)")
             train = [Dataset(self.train_captions, self.images)]
         if self.val_sets:
             val = datasets(self.val_sets, "val_sets")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from captioner import Captioner
-from captioner.models import onnx_engine
+from captioner.models import onnx_cache, onnx_engine
 from captioner.cli import main
 from captioner.data.annotations import load_captions
 from captioner.errors import CheckpointError, ConfigError, OutputError
@@ -306,12 +307,12 @@ def test_cached_graphs_pointing_at_other_files_are_exported_again(exported, engi
     fingerprint = weights_fingerprint(model.encoder, model.decoder)
     entry = session_cache / "onnx" / fingerprint
     clean = (entry / DECODER_STEP_ONNX).read_bytes()
-    assert onnx_engine._fingerprint_of(clean) == fingerprint
+    assert onnx_cache.fingerprint_of(clean) == fingerprint
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".netrc").write_bytes(SECRET)
     for where in WHERE:
         hostile = hostile_graph(where, fingerprint).SerializeToString()
-        assert onnx_engine._fingerprint_of(hostile) is None, where
+        assert onnx_cache.fingerprint_of(hostile) is None, where
         (entry / DECODER_STEP_ONNX).write_bytes(hostile)
         reloaded = Captioner.from_pretrained(exported, device="cpu", engine="onnx")
         assert reloaded.caption(test_images[:2]) == engines[0].caption(test_images[:2]), where
@@ -371,7 +372,7 @@ def test_a_cache_read_that_fails_costs_an_export_not_a_failure(exported, engines
         raise failure()
 
     Captioner.from_pretrained(exported, device="cpu", engine="onnx")  # the entry is cached
-    monkeypatch.setattr(onnx_engine, "read_bounded", fail)
+    monkeypatch.setattr(onnx_cache, "read_bounded", fail)
     exports = counting_exports(monkeypatch)
     model = Captioner.from_pretrained(exported, device="cpu", engine="onnx")
     assert model.caption(test_images[:2]) == engines[0].caption(test_images[:2]) and exports == [1]
@@ -442,22 +443,56 @@ def test_the_cache_keeps_the_most_recently_used_models_within_its_bound(tiny_mod
     entries = lambda: sorted(p.name for p in (tmp_path / "cache" / "onnx").iterdir() if not p.name.startswith("."))  # noqa: E731
     assert len(entries()) == 1
     size = sum(f.stat().st_size for f in (tmp_path / "cache" / "onnx" / entries()[0]).iterdir())
-    monkeypatch.setattr(onnx_engine, "MAX_CACHE_BYTES", int(size * 1.5))  # room for one model, not two
+    monkeypatch.setattr(onnx_cache, "MAX_CACHE_BYTES", int(size * 1.5))  # room for one model, not two
     loaded = Captioner.from_pretrained(second, engine="onnx")
     assert entries() == [weights_fingerprint(loaded.encoder, loaded.decoder)]
 
 
-@pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)
-def test_concurrent_first_loads_share_one_cache_entry(tiny_model, test_images, tmp_path, monkeypatch):
-    from concurrent.futures import ThreadPoolExecutor
+CONCURRENT_LOADER = """
+import json, sys
+from captioner import Captioner
+from captioner.models import onnx_engine
 
-    monkeypatch.setenv("CAPTIONER_CACHE_DIR", str(tmp_path / "cache"))
+exports = []
+export = onnx_engine.export_graphs
+onnx_engine.export_graphs = lambda *args: exports.append(1) or export(*args)
+print("ready", flush=True)
+sys.stdin.readline()  # every loader starts together, into the one empty cache
+model = Captioner.from_pretrained(sys.argv[1], device="cpu", engine="onnx", num_threads=1)
+print(json.dumps({"engine": model.engine, "exports": len(exports), "captions": model.caption(sys.argv[2:])}))
+"""
+
+
+@pytest.mark.slow  # runs processes that export the ONNX graphs
+def test_concurrent_first_loads_in_processes_export_once(tiny_model, test_images, tmp_path):
+    """Loaders in separate processes that find the cache empty together export once, as docs/onnx.md says: the first
+    holds the entry's lock while it exports, the others wait for it and read its entry instead of exporting."""
     folder = tiny_model.save_pretrained(tmp_path / "model")
-    with ThreadPoolExecutor(3) as pool:
-        models = list(pool.map(lambda _: Captioner.from_pretrained(folder, engine="onnx"), range(3)))
-    assert len({tuple(m.caption(test_images[:3])) for m in models}) == 1
-    entries = [p for p in (tmp_path / "cache" / "onnx").iterdir() if not p.name.startswith(".")]
-    assert len(entries) == 1 and sorted(p.name for p in entries[0].iterdir()) == sorted(ONNX_FILES)
+    images = [str(image) for image in test_images[:3]]
+    environment = {**os.environ, "CAPTIONER_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    loaders = [subprocess.Popen([sys.executable, "-c", CONCURRENT_LOADER, str(folder), *images], env=environment,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(3)]
+    try:
+        for loader in loaders:
+            assert loader.stdout.readline().split() == ["ready"], loader.stderr.read()[-3000:]
+        for loader in loaders:
+            loader.stdin.write("go\n")
+            loader.stdin.flush()
+        outputs = [loader.communicate(timeout=300) for loader in loaders]
+    finally:
+        for loader in loaders:
+            loader.kill()
+    assert all(loader.returncode == 0 for loader in loaders), [error[-3000:] for _, error in outputs]
+    results = [json.loads(output) for output, _ in outputs]
+    expected = Captioner.from_pretrained(folder, device="cpu", engine="torch").caption(images)
+    assert all(result["engine"] == "onnx" and result["captions"] == expected for result in results), results
+    assert sum(result["exports"] for result in results) == 1, results
+    cache = tmp_path / "cache" / "onnx"
+    entries = [path for path in cache.iterdir() if not path.name.startswith(".")]
+    assert len(entries) == 1 and sorted(path.name for path in entries[0].iterdir()) == sorted(ONNX_FILES)
+    assert all(onnx_cache.fingerprint_of((entries[0] / name).read_bytes()) == entries[0].name for name in ONNX_FILES)
+    assert not list(cache.glob(".*.tmp-*")) and not list(cache.glob(".*.old-*"))
 
 
 @pytest.mark.slow  # exports the ONNX graphs afresh (seconds each)

@@ -12,25 +12,19 @@ The engine runs only graphs this module exported itself, from weights already lo
 graph is a program: one from outside could read local files through external data, loop forever or
 ignore the weights beside it, and no check of its contents proves otherwise. So graph files inside a
 checkpoint directory are never executed (``captioner export --format onnx`` writes them for other
-runtimes); the engine's own graphs live in a per-user cache keyed by the fingerprint of the weights
-they compute, written atomically and bounded in size, so the export costs seconds once per model.
+runtimes); the engine's own graphs live in a per-user cache (:mod:`captioner.models.onnx_cache`) keyed by
+the fingerprint of the weights they compute, so the export costs seconds once per model.
 """
 
 from __future__ import annotations
 
 import copy
-import errno
 import hashlib
 import importlib.util
 import io
 import json
-import logging
-import os
-import shutil
-import stat
 import threading
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,9 +36,8 @@ from torch import nn
 from .. import checkpoint
 from ..data.vocab import START_ID
 from ..errors import CheckpointError, ConfigError
-from ..files import read_bounded
 from ..generation.search import State
-from ..runtime import cache_dir
+from . import onnx_cache
 from .decoder import (
     Decoder,
     DecoderConfig,
@@ -53,19 +46,15 @@ from .decoder import (
     lstm_cell,
 )
 from .encoder import Encoder, EncoderConfig
-
-log = logging.getLogger(__name__)
+from .onnx_cache import FINGERPRINT_KEY
 
 ONNX_FILES = checkpoint.GRAPH_FILES
 ENCODER_ONNX, DECODER_INIT_ONNX, DECODER_STEP_ONNX = ONNX_FILES
 ENGINES = ("auto", "onnx", "torch")
 ENGINE_NAMES = {"onnx": "ONNX Runtime", "torch": "PyTorch"}
-FINGERPRINT_KEY = "captioner_weights_sha256"
 EXPORT_VERSION = 1  # part of the fingerprint: raise it when the export code changes, so cached graphs are redone
 OPSET = 17
 TOLERANCE = 1e-3  # export check: largest difference allowed between PyTorch's and ONNX Runtime's outputs
-MAX_GRAPH_BYTES = 2 << 30  # protobuf's own limit for one model
-MAX_CACHE_BYTES = 4 << 30  # the graph cache; the least recently used models go first
 _EXPORTING = threading.Lock()  # torch.onnx.export keeps global state: one export at a time in a process
 
 class OnnxEncoder:
@@ -253,13 +242,8 @@ def load_runtime(encoder: Encoder, decoder: Decoder | DecoderEnsemble, num_threa
     Each session computes on ``num_threads`` CPU threads (default: PyTorch's count, the physical cores).
     A cache that cannot be written (read-only, full, not private) costs an export per load, never a failure.
     """
-    folder = cache or cache_dir("onnx")
-    fingerprint = weights_fingerprint(encoder, decoder)
     wanted = signatures(encoder.config, decoder.config)
-    graphs = _cached_graphs(folder, fingerprint)
-    if graphs is None:
-        graphs = export_graphs(encoder, decoder)
-        _store(folder, fingerprint, graphs)
+    graphs = onnx_cache.graphs(weights_fingerprint(encoder, decoder), lambda: export_graphs(encoder, decoder), cache)
     sessions = {}
     for name, (inputs, outputs) in wanted.items():
         session = _session(graphs[name], name, num_threads)
@@ -271,124 +255,6 @@ def load_runtime(encoder: Encoder, decoder: Decoder | DecoderEnsemble, num_threa
         sessions[name] = session
     return OnnxRuntime(OnnxEncoder(sessions[ENCODER_ONNX]),
                        OnnxDecoder(sessions[DECODER_INIT_ONNX], sessions[DECODER_STEP_ONNX]))
-
-
-# ---------------------------------------------------------------------------------------- the graph cache
-def _private(folder: Path) -> bool:
-    """Create ``folder`` (mode 0700); whether it is a real folder of this user that nobody else can write."""
-    try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = os.lstat(folder)
-    except OSError as exc:
-        log.warning("ONNX graph cache %s unusable (%s); exporting the graphs again at every load", folder,
-                    exc.strerror or exc)
-        return False
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
-        log.warning("ONNX graph cache %s is not a private folder of this user; exporting the graphs again at "
-                    "every load (chmod 700 it, or set CAPTIONER_CACHE_DIR)", folder)
-        return False
-    return True
-
-
-def _cached_graphs(folder: Path, fingerprint: str) -> dict[str, bytes] | None:
-    """The graphs cached for ``fingerprint``, or ``None`` when missing, incomplete or not as this module wrote them.
-
-    The entry and its graphs are opened without following links (a link is exported again, never read), the
-    graphs relative to the entry's open folder, so no rename meanwhile can put other files in their place.
-    """
-    if not _private(folder):
-        return None
-    try:
-        entry = os.open(folder / fingerprint, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:  # a link, a file: exported again, and the export replaces it
-            log.info("ONNX graph cache %s unusable (%s); exporting it again", folder / fingerprint,
-                     exc.strerror or exc)
-        return None
-    try:
-        graphs = {}
-        for name in ONNX_FILES:
-            data = _read_graph(entry, name)
-            if data is None or _fingerprint_of(data) != fingerprint:
-                log.info("ONNX graph cache %s: %s missing or damaged; exporting it again", folder / fingerprint, name)
-                return None
-            graphs[name] = data
-        os.utime(entry)  # recently used: evicted last
-        return graphs
-    finally:
-        os.close(entry)
-
-
-def _read_graph(entry: int, name: str) -> bytes | None:
-    """Graph file ``name`` of open cache folder ``entry``: a regular file's bytes (not a link, at most
-    ``MAX_GRAPH_BYTES``), or ``None``. A read that fails, memory included, makes the entry unusable: an export
-    costs a second, a failed load a whole process."""
-    try:
-        return read_bounded(name, MAX_GRAPH_BYTES, name, "graph", error=CheckpointError, follow=False, dir_fd=entry)
-    except (CheckpointError, MemoryError, OSError):
-        return None
-
-
-def _fingerprint_of(data: bytes) -> str | None:
-    """The fingerprint a self-contained graph carries; ``None`` for anything else (garbage, external data)."""
-    import onnx
-
-    try:
-        graph = onnx.load_model_from_string(data)
-        if _uses_external_data(graph):
-            return None
-    except Exception:  # protobuf raises DecodeError, RuntimeWarning-turned-errors, RecursionError and more
-        return None
-    return {prop.key: prop.value for prop in graph.metadata_props}.get(FINGERPRINT_KEY)
-
-
-def _uses_external_data(message) -> bool:
-    """Whether any tensor anywhere in ``message`` (initializers, constants, attributes, subgraphs, functions,
-    sparse tensors) points at another file: the message's every field is walked, not a list of known places."""
-    import onnx
-
-    if isinstance(message, onnx.TensorProto) and (message.data_location == onnx.TensorProto.EXTERNAL
-                                                  or len(message.external_data)):
-        return True
-    for field, value in message.ListFields():
-        if field.type == field.TYPE_MESSAGE:
-            if any(_uses_external_data(item) for item in (value if field.is_repeated else [value])):
-                return True
-    return False
-
-
-def _store(folder: Path, fingerprint: str, graphs: dict[str, bytes]) -> None:
-    """Put ``graphs`` in the cache as one entry (swapped in whole), then evict beyond ``MAX_CACHE_BYTES``."""
-    if not _private(folder):
-        return
-    try:
-        with checkpoint.atomic_directory(folder / fingerprint) as entry:
-            for name, data in graphs.items():
-                (entry / name).write_bytes(data)
-    except CheckpointError as exc:
-        log.warning("ONNX graph cache: %s; exporting the graphs again at the next load", exc)
-        return
-    _evict(folder, keep=folder / fingerprint)
-
-
-def _evict(folder: Path, keep: Path) -> None:
-    """Delete the least recently used entries until the rest fit in ``MAX_CACHE_BYTES`` (``keep`` stays)."""
-    total = 0
-    for modified, size, entry in sorted(_entries(folder), reverse=True):
-        total += size
-        if total > MAX_CACHE_BYTES and entry != keep:
-            shutil.rmtree(entry, ignore_errors=True)
-            (folder / f".{entry.name}.lock").unlink(missing_ok=True)
-
-
-def _entries(folder: Path) -> Iterator[tuple[float, int, Path]]:
-    """``(last used, bytes, path)`` of each cache entry; another process may be evicting some meanwhile."""
-    for entry in folder.iterdir():
-        if len(entry.name) == 64 and all(c in "0123456789abcdef" for c in entry.name):
-            try:
-                yield entry.stat().st_mtime, sum(file.stat().st_size for file in entry.iterdir()), entry
-            except OSError:
-                continue
 
 
 def _session(model: bytes, name: str, num_threads: int | None = None):

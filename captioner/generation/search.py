@@ -24,7 +24,7 @@ import torch
 from ..data.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
 from ..errors import DecodingError
 from .config import GenerationConfig
-from .step import UNUSABLE_SCORES, State, StepDecoder, next_log_probs  # noqa: F401 (State, StepDecoder: for callers)
+from .step import UNUSABLE_SCORES, State, StepDecoder, next_log_probs
 
 
 @dataclass
@@ -115,6 +115,7 @@ def searchable(logits: torch.Tensor, unusable: torch.Tensor) -> tuple[torch.Tens
 
 
 def report_unusable(unusable: torch.Tensor) -> None:
+    """The one host sync of the NaN check: a :class:`DecodingError` if any step's scores were NaN."""
     if unusable:
         raise DecodingError(UNUSABLE_SCORES)
 

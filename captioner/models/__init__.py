@@ -9,4 +9,4 @@ or ``generate`` on. Models never import ``train`` or ``serve``.
 """
 
 # The public surface: its submodules. None is imported here: importing the package loads no PyTorch.
-__all__ = ["captioner", "decoder", "encoder", "onnx_engine", "pipeline", "preprocessing", "weights"]
+__all__ = ["captioner", "decoder", "encoder", "onnx_cache", "onnx_engine", "pipeline", "preprocessing", "weights"]

@@ -4,7 +4,7 @@ The export makes three graphs, batch/row axes dynamic: ``encoder.onnx`` (pixels 
 ``decoder_init.onnx`` (features -> LSTM state) and ``decoder_step.onnx`` (previous tokens, state ->
 next-token logits, state). At run time :class:`OnnxEncoder` and :class:`OnnxDecoder` answer the calls
 inference makes of :class:`Encoder` and :class:`Decoder` (``encoder(pixels)``, ``decoder.init_state``,
-``decoder.step``) with torch tensors, so the one batched search in :mod:`captioner.decoding` drives either
+``decoder.step``) with torch tensors, so the one batched search in :mod:`captioner.generation.search` drives either
 engine. On a CPU this is faster than eager PyTorch: a beam-search step is a few small matmuls, where
 PyTorch's per-op overhead dominates.
 
@@ -50,8 +50,7 @@ from .onnx_cache import FINGERPRINT_KEY
 
 ONNX_FILES = checkpoint.GRAPH_FILES
 ENCODER_ONNX, DECODER_INIT_ONNX, DECODER_STEP_ONNX = ONNX_FILES
-ENGINES = ("auto", "onnx", "torch")
-ENGINE_NAMES = {"onnx": "ONNX Runtime", "torch": "PyTorch"}
+from ..runtime import ENGINE_NAMES, ENGINES  # noqa: E402  (declared torch-free, for the command line's help)
 EXPORT_VERSION = 1  # part of the fingerprint: raise it when the export code changes, so cached graphs are redone
 OPSET = 17
 TOLERANCE = 1e-3  # export check: largest difference allowed between PyTorch's and ONNX Runtime's outputs

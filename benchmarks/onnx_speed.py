@@ -30,7 +30,7 @@ from captioner import Captioner
 from captioner.cli import main as cli
 from captioner.data.images import load_image
 from captioner.models.captioner import BUNDLED_MODEL
-from captioner.models.onnx_engine import ENGINE_NAMES
+from captioner.runtime import ENGINE_NAMES
 from decode_speed import photos, timed  # (which also puts tests/ on sys.path, for conftest)
 
 

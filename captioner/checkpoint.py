@@ -104,45 +104,6 @@ def check_replaceable(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def check_writable(folder: Path, flag: str) -> None:
-    """Create ``folder``, then write, sync and delete a small file in it; or raise :class:`OutputError`."""
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{flag} {folder}: is a file, not a folder")
-    probe = folder / f".write-test-{os.getpid()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as handle:
-            handle.write(b"captioner checks that this folder is writable\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as exc:
-        raise OutputError(f"{flag} {folder}: cannot write there ({exc.strerror or exc})") from None
-    finally:
-        with contextlib.suppress(OSError):
-            probe.unlink(missing_ok=True)
-
-
-def check_output_file(path: Path, flag: str) -> Path:
-    """``path`` can receive a result: not a folder or device, in a writable folder (created if missing).
-
-    Checked before the work whose result it receives, so a mistyped path costs nothing.
-    """
-    if path.exists() and not path.is_file():
-        raise OutputError(f"{flag} {path}: not a regular file")
-    check_writable(path.parent, flag)
-    return path
-
-
-def write_atomically(path: Path, text: str, flag: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`captioner.files.atomic_file`): a crash or a full disk leaves
-    the previous file or the complete new one, never half of one. A failure is one :class:`OutputError` line."""
-    try:
-        with files.atomic_file(path) as temporary:
-            temporary.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise OutputError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from None
-
-
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

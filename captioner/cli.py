@@ -264,7 +264,7 @@ def _evaluate_parser(sub) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import check_output_file, write_atomically
+    from .files import check_output_file, write_atomically
     from .bulk.evaluation import evaluate
     from .bulk.inputs import check_workers
 

@@ -212,11 +212,17 @@ def test_decoding_options_are_typed_and_bounded(tiny_model, options, message):
         GenerationConfig(**options)
 
 
-def test_more_captions_than_beams_raises_the_beam(tiny_model):
-    """The API, the CLI and the app agree: asking for n captions from a smaller beam widens the beam."""
-    assert GenerationConfig(beam_size=2, num_return_sequences=5).beam_size == 5
+def test_more_captions_than_beams_widens_the_beam_unless_a_beam_size_is_given(tiny_model):
+    """n captions without a beam size widen the beam to n; a beam size smaller than n is refused, as Hugging
+    Face refuses it, rather than quietly changed."""
+    with pytest.raises(ConfigError, match=r"num_return_sequences \(5\) cannot exceed beam_size \(2\)"):
+        GenerationConfig(beam_size=2, num_return_sequences=5)
     features = torch.zeros(1, tiny_model.encoder.config.feature_size)
-    nbest = tiny_model.generate(features, beam_size=2, num_return_sequences=4)[0]
+    narrow = tiny_model.generation_config.updated(beam_size=2)
+    with pytest.raises(ConfigError, match="cannot exceed beam_size"):
+        tiny_model.generate(features, narrow, beam_size=2, num_return_sequences=4)
+    nbest = tiny_model.generate(features, narrow, num_return_sequences=4)[0]
+    assert narrow.updated(num_return_sequences=4).beam_size == 4
     assert [c.text for c in nbest] == [c.text for c in tiny_model.generate(features, beam_size=4,
                                                                               num_return_sequences=4)[0]]
 

@@ -74,18 +74,12 @@ def test_each_subpackage_declares_its_submodules(package):
     assert module.__all__ and all((ROOT / "captioner" / package / f"{name}.py").is_file() for name in module.__all__)
 
 
-@pytest.mark.xfail(strict=True, reason="captioner/train/config.py imports models.decoder, models.preprocessing and "
-                                       "models.weights (torch, torchvision) at module level, for DecoderConfig, VIEWS "
-                                       "and BACKBONES; remove this mark when it no longer does")
 def test_train_help_loads_no_torch():
     (_, status, loaded, output), = probe("from captioner.cli import main; main(['train', '--help'])")
     assert status == 0 and "--train-sets" in output
     assert not loaded, f"train --help imported {', '.join(loaded)}"
 
 
-@pytest.mark.xfail(strict=True, reason="captioner/bulk/jsonl.py imports check_writable from captioner.checkpoint, "
-                                       "which imports torch and safetensors.torch at module level; remove this mark "
-                                       "when it no longer does")
 def test_merge_loads_no_torch(tmp_path):
     for name in ("a.jpg", "b.jpg"):
         (tmp_path / name).write_bytes(b"")

@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Protocol
 
-from ..checkpoint import check_writable
 from ..distributed import launched_rank
 from ..errors import ConfigError, OutputError
-from ..files import lock, release
+from ..files import check_writable, lock, release
 
 log = logging.getLogger(__name__)
 MAX_RECORD_BYTES = 1 << 20  # one JSON line; ours are a few KB even with 64 captions

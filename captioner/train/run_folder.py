@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from ..checkpoint import OUR_FILES, check_writable
+from ..checkpoint import OUR_FILES
+from ..files import check_writable
 from ..distributed import Distributed
 from ..errors import OutputError
 from ..files import atomic_file, lock, release

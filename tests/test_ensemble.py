@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from captioner import Captioner
 from captioner.cli import main
-from captioner.models.decoder import MAX_MEMBERS, Decoder, DecoderConfig, DecoderEnsemble, join_decoders
+from captioner.models.config import MAX_MEMBERS
+from captioner.models.decoder import Decoder, DecoderConfig, DecoderEnsemble, join_decoders
 from captioner.generation.config import GenerationConfig
 from captioner.generation.search import beam_search
 from captioner.errors import CheckpointError, ConfigError

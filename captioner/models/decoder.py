@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from ..data.vocab import PAD_ID
 from ..errors import ConfigError
 from ..generation.step import State, checked, next_log_probs
-from .config import MAX_MEMBERS, DecoderConfig
+from .config import DecoderConfig
 
 # Up to this many rows per step, CPU inference runs the LSTM's equations written out (see step()).
 SMALL_STEP_ROWS = 32

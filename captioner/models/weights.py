@@ -25,7 +25,6 @@ from torchvision import models
 from ..checkpoint import MAX_TENSOR_FILE_BYTES, check_shapes, check_values
 from ..errors import ConfigError, WeightsError
 from ..files import open_regular
-from .config import DEFAULT_ENCODER
 from .preprocessing import Preprocessing
 
 

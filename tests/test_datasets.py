@@ -3,6 +3,7 @@ and logged (log.jsonl and TensorBoard), and one-line errors for the ways a datas
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from captioner.errors import ConfigError
 from captioner.train.config import Dataset, TrainConfig, run_options
-from captioner.train.trainer import Trainer, train, weighted_rows
+from captioner.train.data import Batches, load_sets, vocabulary, weighted_rows
+from captioner.train.trainer import selection, train
 from conftest import synthetic_config
 from synthetic import make_split
 from test_hostile_training import assert_one_line_error
@@ -20,16 +22,17 @@ from test_hostile_training import assert_one_line_error
 
 @pytest.fixture(scope="module")
 def two_sets(tmp_path_factory) -> Path:
-    """Two small synthetic datasets in their own folders, set ``b``'s captions all holding a word of its own."""
+    """Two small synthetic datasets in their own folders, each set's captions all holding a word of its own
+    (``indoors`` in ``a``, ``outdoors`` in ``b``)."""
     root = tmp_path_factory.mktemp("sets")
     for name, seed in (("a", 0), ("b", 1)):
         make_split(root / name, "train", 16, seed)
         make_split(root / name, "val", 6, seed + 10, start_id=1000)
-    for split in ("train", "val"):
-        path = root / "b" / f"{split}.json"
+    for (folder, word), split in itertools.product((("a", "indoors"), ("b", "outdoors")), ("train", "val")):
+        path = root / folder / f"{split}.json"
         data = json.loads(path.read_text())
         for annotation in data["annotations"]:
-            annotation["caption"] += " outdoors"
+            annotation["caption"] += f" {word}"
         path.write_text(json.dumps(data))
     return root
 
@@ -59,17 +62,53 @@ def test_weighted_rows_repeat_whole_weights_and_draw_the_fraction_afresh():
     assert torch.equal(weighted_rows(sets, [1.0, 1.0], torch.Generator()), torch.arange(30))
 
 
-def test_a_run_sees_each_sets_captions_as_often_as_its_weight_says(two_sets, feature_cache, tmp_path):
-    trainer = Trainer(two_set_config(two_sets, tmp_path / "run", feature_cache, weight=2.5))
-    try:
-        caption_sets = trainer._caption_sets()
-        per_set = torch.bincount(caption_sets, minlength=2).tolist()  # captions each set holds
-        for epoch in range(3):
-            trainer.progress.epoch = epoch
-            seen = torch.cat(trainer._batches(trainer._epoch_rows(caption_sets), trainer.config.batch_size))
-            assert torch.bincount(caption_sets[seen], minlength=2).tolist() == [per_set[0], round(2.5 * per_set[1])]
-    finally:
-        trainer.close()
+def test_each_epoch_sees_each_sets_captions_as_often_as_its_weight_says():
+    photo_sets = torch.tensor([0] * 10 + [1] * 6)
+    caption_photos = torch.arange(16).repeat_interleave(torch.tensor([3, 2] * 8))  # 40 captions, 26 of set 0
+    batches = Batches(photo_sets, caption_photos, [1.0, 2.5], seed=3)
+    per_set = torch.bincount(batches.caption_sets, minlength=2).tolist()
+    assert per_set == [25, 15]
+    epochs = []
+    for epoch in range(3):
+        steps = batches.xe(epoch, batch_size=8)
+        assert [len(s) for s in steps[:-1]] == [8] * (len(steps) - 1)
+        seen = torch.cat(steps)
+        assert torch.bincount(batches.caption_sets[seen], minlength=2).tolist() == [25, round(2.5 * 15)]
+        assert torch.equal(torch.cat(batches.xe(epoch, batch_size=8)), seen)  # a function of the epoch (resume)
+        epochs.append(seen)
+    assert not torch.equal(epochs[0], epochs[1])  # shuffled, and set 1's half share drawn afresh, each epoch
+
+
+def test_the_ranks_steps_make_up_the_global_batches():
+    photo_sets = torch.tensor([0] * 8 + [1] * 8)
+    caption_photos = torch.arange(16).repeat_interleave(2)
+    one = Batches(photo_sets, caption_photos, [1.0, 2.0], seed=0)
+    ranks = [Batches(photo_sets, caption_photos, [1.0, 2.0], seed=0, world_size=2, rank=r) for r in (0, 1)]
+    steps, whole = [r.xe(1, batch_size=8) for r in ranks], one.xe(1, batch_size=8)
+    assert len(whole) == len(steps[0]) == len(steps[1]) == 6  # (16 + 2 * 16) captions, 8 a step
+    assert all(len(s) == 4 for rank in steps for s in rank)  # half the global batch each
+    for first, second, batch in zip(*steps, whole):
+        assert sorted(torch.cat([first, second]).tolist()) == sorted(batch.tolist())
+
+
+def test_a_trained_cnn_gets_whole_photos_each_step():
+    photo_sets = torch.tensor([0] * 6 + [1] * 4)
+    caption_photos = torch.arange(10).repeat_interleave(3)
+    batches = Batches(photo_sets, caption_photos, [1.0, 1.0], seed=0)
+    steps = batches.xe(0, batch_size=9, whole_photos=True)
+    assert [len(s) for s in steps] == [9, 9, 9, 3]  # 3 photos' 3 captions each, then the last photo's
+    assert sorted(torch.cat(steps).tolist()) == list(range(30))  # every caption once
+    for rows in steps:
+        photos = caption_photos[rows]
+        assert all((caption_photos == p).sum() == (photos == p).sum() for p in photos.unique())
+
+
+def test_one_vocabulary_holds_every_training_sets_words(two_sets, tmp_path):
+    train_sets, _ = two_set_config(two_sets, tmp_path / "run", tmp_path / "cache").datasets()
+    records, owners = load_sets(train_sets, "train", skip_invalid=False)
+    assert sorted(set(owners)) == [0, 1] and len(records) == 32
+    words = vocabulary(records, min_word_count=1).words
+    assert {"indoors", "outdoors", "circle", "square"} <= set(words)  # each set's own word, and shared ones
 
 
 # ------------------------------------------------------------------------------------------------ a run
@@ -79,7 +118,7 @@ def test_a_two_set_run_has_one_vocabulary_and_validates_and_logs_both(two_sets, 
     train(two_set_config(two_sets, out, feature_cache, select_set="mean"))
     vocab = json.loads((out / "best" / "vocab.json").read_text())
     words = vocab["words"] if isinstance(vocab, dict) else vocab
-    assert "outdoors" in words and "circle" in words or "square" in words  # b's own word and the shared ones
+    assert {"indoors", "outdoors", "circle", "square"} <= set(words)  # each set's own word, and shared ones
 
     history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(history) == 2
@@ -112,17 +151,11 @@ def test_the_scst_reward_is_a_tensorboard_scalar(synthetic, feature_cache, tmp_p
         [(2, pytest.approx(-history[1]["loss"], abs=1e-4))]
 
 
-def test_the_selection_set_picks_the_scores_of_best(two_sets, feature_cache, tmp_path):
-    trainer = Trainer(two_set_config(two_sets, tmp_path / "run", feature_cache, select_set="b"))
-    try:
-        scores = {"a": {"CIDEr-D": 0.2, "BLEU-4": 0.1}, "b": {"CIDEr-D": 0.6, "BLEU-4": 0.3}}
-        assert trainer._selection(scores) == scores["b"]
-        trainer.config.select_set = "mean"
-        assert trainer._selection(scores) == pytest.approx({"CIDEr-D": 0.4, "BLEU-4": 0.2})
-        trainer.config.select_set = ""
-        assert trainer._selection(scores) == scores["a"]  # the first set by default
-    finally:
-        trainer.close()
+def test_the_selection_set_picks_the_scores_of_best():
+    scores = {"a": {"CIDEr-D": 0.2, "BLEU-4": 0.1}, "b": {"CIDEr-D": 0.6, "BLEU-4": 0.3}}
+    assert selection(scores, "b") == scores["b"]
+    assert selection(scores, "mean") == pytest.approx({"CIDEr-D": 0.4, "BLEU-4": 0.2})
+    assert selection(scores, "") == scores["a"]  # the first set by default
 
 
 # ------------------------------------------------------------------------------------------------ errors

@@ -13,7 +13,8 @@ from captioner import Captioner
 from captioner.errors import ConfigError
 from captioner.models.decoder import Decoder
 from captioner.train.features import cache_key
-from captioner.train.trainer import Trainer, initial_model
+from captioner.train.model import initial_model
+from captioner.train.trainer import prepare
 from conftest import synthetic_config
 from synthetic import make_split
 
@@ -97,11 +98,11 @@ def test_encoder_weights_replace_the_init_checkpoints_encoder(tiny_model, tiny_m
 def test_finetuning_sends_each_photo_through_the_cnn_once_per_epoch(tiny_model_dir, small_set, tmp_path):
     config = config_from(small_set, tmp_path / "run", init_from=str(tiny_model_dir), finetune_encoder=True,
                          encoder_lr=1e-3, batch_size=15, augment="flip")
-    trainer = Trainer(config)
+    trainer = prepare(config)
     batches: list[int] = []
     trainer.model.encoder.register_forward_hook(lambda module, inputs, output: batches.append(len(inputs[0])))
     before = copy.deepcopy(trainer.model.state_dict())
-    steps = trainer._xe_batches()
+    steps = trainer.batches.xe(0, config.batch_size, whole_photos=True)
     trainer._xe_epoch()
     photos, captions = len(trainer.train_split.records), len(trainer.captions.image_index)
     assert (photos, captions) == (10, 30)

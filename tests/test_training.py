@@ -16,7 +16,8 @@ from captioner.data.annotations import load_captions
 from captioner.data.vocab import END_ID
 from captioner.models.decoder import Decoder, DecoderConfig
 from captioner.train.scst import dropout_off
-from captioner.train.trainer import Trainer, train
+from captioner.train.optim import lr_factor
+from captioner.train.trainer import prepare, train
 from conftest import ROOT, synthetic_config
 
 # Tests that train a model or start a process are marked slow one by one: `pytest -m "not slow"` skips them.
@@ -77,7 +78,7 @@ def test_resume_equals_uninterrupted_training(synthetic, feature_cache, tmp_path
     assert strip(logs[0]) == strip(logs[1])
 
     # A resumed run validates the weights it trains, not a snapshot of them (ONNX Runtime's graphs are one)
-    trainer = Trainer(interrupted, resume=True)
+    trainer = prepare(interrupted, resume=True)
     try:
         before = trainer.validate()[0]
         with torch.no_grad():
@@ -193,11 +194,9 @@ def test_scst_with_greedy_baseline_runs(synthetic, feature_cache, tmp_path):
 
 @pytest.mark.slow
 def test_augmented_views_train_and_validate_on_the_centre_view(synthetic, feature_cache, tmp_path):
-    from captioner.train.trainer import Trainer
-
     config = synthetic_config(synthetic, tmp_path / "augment", feature_cache, encoder="resnet18",
                               encoder_weights="none", epochs=1, augment="flip")
-    trainer = Trainer(config)
+    trainer = prepare(config)
     assert trainer.train_split.features.shape[:2] == (2, len(trainer.train_split.records))
     assert trainer.val_split.features.dim() == 2
     rows = torch.arange(8)
@@ -205,6 +204,7 @@ def test_augmented_views_train_and_validate_on_the_centre_view(synthetic, featur
     assert picked.shape == (8, trainer.train_split.features.shape[-1])
     assert all(any(torch.equal(picked[i], trainer.train_split.features[v, i]) for v in range(2)) for i in range(8))
     trainer.run()
+    trainer.close()
     assert len((tmp_path / "augment" / "log.jsonl").read_text().splitlines()) == 1
 
 
@@ -222,6 +222,14 @@ def test_label_smoothing_and_scheduled_sampling_change_the_training_loss(synthet
     assert all(math.isfinite(loss) for loss in plain + smoothed + sampled)
     assert smoothed[0] != pytest.approx(plain[0], rel=1e-3)
     assert sampled[0] == pytest.approx(plain[0], rel=1e-6) and sampled[1] != pytest.approx(plain[1], rel=1e-3)
+
+
+def test_the_learning_rate_warms_up_then_follows_a_cosine_to_zero():
+    cosine, constant = lr_factor(4, "cosine", 104), lr_factor(4, "constant", 104)
+    assert [cosine(step) for step in range(4)] == [0.25, 0.5, 0.75, 1.0] == [constant(step) for step in range(4)]
+    assert cosine(4) == 1.0 and cosine(54) == pytest.approx(0.5) and cosine(104) == cosine(500) == pytest.approx(0.0)
+    assert all(cosine(step) > cosine(step + 1) for step in range(4, 103))
+    assert constant(50) == constant(500) == 1.0
 
 
 def test_scheduled_sampling_feeds_the_models_own_words():

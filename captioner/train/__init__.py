@@ -7,3 +7,6 @@ teacher forcing and then self-critical ones (``scst``), validating and keeping `
 checks what an exact resume needs; ``run_folder`` claims the output folder and writes the log; ``tensorboard``
 writes the event files. It builds on ``models``; nothing but the command line imports it.
 """
+
+# The public surface: its submodules. None is imported here: importing the package loads no PyTorch.
+__all__ = ["config", "data", "features", "model", "optim", "run_folder", "scst", "state", "tensorboard", "trainer"]

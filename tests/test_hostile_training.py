@@ -297,12 +297,12 @@ def test_a_link_in_out_is_refused_never_written_through(synthetic, tmp_path, tra
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC, errno.EACCES])
 def test_unwritable_out_is_found_before_the_data_is_read(tmp_path, monkeypatch, code):
-    import captioner.checkpoint as checkpoint  # home of the write probe that training and bulk captioning share
+    import captioner.files as files  # home of the write probe that training and bulk captioning share
 
     def refuse(path, *args, **kwargs):
         raise OSError(code, os.strerror(code), str(path))
 
-    monkeypatch.setattr(checkpoint, "open", refuse, raising=False)
+    monkeypatch.setattr(files, "open", refuse, raising=False)
     config = TrainConfig(images=str(tmp_path / "no-images"), train_captions=str(tmp_path / "none.json"),
                          out=str(tmp_path / "run"), device="cpu")
     with pytest.raises(OutputError, match=rf"--out {tmp_path / 'run'}: cannot write there \({os.strerror(code)}\)"):

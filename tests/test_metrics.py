@@ -24,6 +24,7 @@ def test_perfect_and_poor_predictions():
     assert poor["vocabulary_used"] == 3
 
 
+@pytest.mark.slow  # starts Java (METEOR, the PTB tokenizer)
 def test_java_scorers_present_when_java_is():
     """METEOR (and the PTB tokenizer) need Java: skipped without it on a user's machine, a failure under CI."""
     need(metrics.java_available(), "Java is not installed (METEOR needs it)")

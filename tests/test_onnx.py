@@ -394,6 +394,7 @@ print("loaded")
 """
 
 
+@pytest.mark.slow  # a subprocess under an address-space limit
 def test_cache_hits_fit_in_an_address_space_limit(tiny_model_dir):
     """Each cached graph is read in a piece of its size: reading up to the 2 GiB bound reserved 2 GiB per graph, so
     under ``ulimit -v`` (RLIMIT_AS) the first load worked and every later one died with a MemoryError."""

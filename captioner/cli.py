@@ -6,9 +6,9 @@ that cannot be captioned is reported and skipped, and the exit status is 1 at th
 a loader process is killed (one line too).
 
 Building the parser imports no PyTorch (nor torchvision, ONNX Runtime or Gradio): the option dataclasses it reads
-live in torch-free modules, each command's handler imports what it runs, and ``train``'s flags, whose config
-module imports the models, are added only when ``train`` is the command. So ``--help`` and ``captioner merge``
-start at once (tests/test_import_cost.py).
+live in torch-free modules (``train.config``, ``models.config``, ``generation.config``, ``serve.limits``), and
+each command's handler imports what it runs. So ``--help`` and ``captioner merge`` start at once
+(tests/test_import_cost.py).
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import cast
 
 from .bounds import check_options, describe_bounds, field_types
 from .errors import CaptionerError, ConfigError
@@ -86,7 +84,9 @@ def read_config_file(path: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- train
-def _train_parser(sub: _Commands) -> None:
+def _train_parser(sub) -> None:
+    from .train.config import TrainConfig
+
     parser = sub.add_parser("train", help="train a captioner on COCO-style data", parents=[_common()],
                             description="Train a Show-and-Tell captioner. Options come from the defaults, then "
                                         "--config FILE, then flags; with --resume, from the interrupted run.")
@@ -94,14 +94,8 @@ def _train_parser(sub: _Commands) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last complete epoch (optimizer, schedule and "
                              "random state included); its saved options apply unless given again")
-    sub.when_chosen("train", _train_options)
-    parser.set_defaults(handler=_train)
-
-
-def _train_options(parser: argparse.ArgumentParser) -> None:
-    from .train.config import TrainConfig  # imports the models (PyTorch): only when the command is train
-
     add_dataclass_options(parser, TrainConfig)
+    parser.set_defaults(handler=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -405,27 +399,9 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-class _Commands(argparse._SubParsersAction):
-    """The subcommands, some of whose options are added only once that command is the one parsed."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._pending: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
-
-    def when_chosen(self, name: str, add_options: Callable[[argparse.ArgumentParser], None]) -> None:
-        self._pending[name] = add_options
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        add_options = self._pending.pop(values[0], None)
-        if add_options is not None:
-            add_options(self._name_parser_map[values[0]])
-        super().__call__(parser, namespace, values, option_string)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description="Show-and-Tell image captioning.")
-    parser.register("action", "parsers", _Commands)
-    sub = cast(_Commands, parser.add_subparsers(dest="command", required=True))
+    sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _caption_parser(sub)
     _merge_parser(sub)

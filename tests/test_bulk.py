@@ -173,11 +173,13 @@ def test_the_lock_survives_other_descriptors_of_the_file_and_ends_with_its_proce
     out = tmp_path / "captions.jsonl"
     hold = ("import os, sys, time; from pathlib import Path; from captioner.bulk.jsonl import JsonlFile; "
             "writer = JsonlFile(Path(sys.argv[1])); open(sys.argv[1], 'rb').close(); child = os.fork(); "
-            "child or time.sleep(600); print(child, flush=True); time.sleep(600)")
+            "print(child or 'forked', flush=True); time.sleep(600)")  # the child prints once its fork hook ran
     holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     child = 0
     try:
-        child = int(holder.stdout.readline())
+        lines = {holder.stdout.readline().strip() for _ in range(2)}
+        assert "forked" in lines, lines
+        child = int((lines - {"forked"}).pop())
         with pytest.raises(OutputError, match="another captioner is writing to it"):
             JsonlFile(out)
         holder.kill()

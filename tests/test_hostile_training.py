@@ -467,7 +467,7 @@ def test_tampered_training_state_on_resume(synthetic, feature_cache, tmp_path):
 @pytest.mark.slow  # trains a model or runs subprocesses
 def test_toml_falls_back_to_tomli_before_python_3_11():
     script = ("import sys, tomllib; sys.modules['tomli'] = tomllib; sys.modules['tomllib'] = None\n"
-              "import captioner.bounds as bounds; assert bounds.tomllib is sys.modules['tomli']")
+              "import captioner.files as files; assert files.tomllib is sys.modules['tomli']")
     assert subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=120).returncode == 0
     assert "tomli>=2; python_version < '3.11'" in (ROOT / "pyproject.toml").read_text()
 

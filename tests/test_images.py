@@ -157,3 +157,57 @@ def test_float_tiff_with_nan_or_infinity_is_refused_not_black(tmp_path, recwarn,
     values[3, 5] = 0.5
     Image.fromarray(values, mode="F").save(path, "TIFF")
     assert np.asarray(load_image(path)).max() == 255
+
+
+# ---------------------------------------------------------------------------------------- drafted JPEG decoding
+def photo(width=4096, height=3072) -> Image.Image:
+    """A large photo-like image with a marker in its top-left corner, to see orientation survive drafting."""
+    image = gradient(width, height)
+    image.paste((255, 0, 0), (0, 0, width // 8, height // 8))
+    return image
+
+
+def exif_rotated(image: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encoded(image, "JPEG", quality=90, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("fmt, params", [("JPEG", dict()), ("JPEG", dict(progressive=True)), ("MPO", dict())],
+                         ids=["baseline", "progressive", "mpo"])
+def test_a_large_jpeg_is_drafted_to_twice_the_side_asked_for(fmt, params):
+    data = encoded(photo(), fmt, quality=90, **params)
+    drafted, full = load_image(data, min_side=256), load_image(data)
+    assert full.size == (4096, 3072)
+    assert min(drafted.size) >= 512 and drafted.size == (1024, 768)  # libjpeg at 1/4, the largest scale allowed
+    reference = np.asarray(full.resize(drafted.size, Image.Resampling.BOX), np.float64)
+    assert np.abs(np.asarray(drafted, np.float64) - reference).mean() < 2  # the same picture, downscaled
+
+
+@pytest.mark.parametrize("orientation, size", [(6, (768, 1024)), (8, (768, 1024)), (3, (1024, 768))])
+def test_a_drafted_jpeg_is_turned_upright_as_a_full_one(orientation, size):
+    data = exif_rotated(photo(), orientation)
+    drafted, full = load_image(data, min_side=256), load_image(data)
+    assert drafted.size == size and full.size == (size[0] * 4, size[1] * 4)
+    red = lambda image: np.argwhere((np.asarray(image)[..., 0] > 200) & (np.asarray(image)[..., 1] < 60))  # noqa: E731
+    assert np.allclose(red(drafted).mean(0), red(full).mean(0) / 4, atol=3)  # the marker's corner, both ways
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_grey_and_cmyk_jpegs_are_drafted_to_rgb(mode):
+    drafted = load_image(encoded(photo().convert(mode), "JPEG", quality=90), min_side=256)
+    assert drafted.mode == "RGB" and drafted.size == (1024, 768)
+
+
+@pytest.mark.parametrize("fmt, size", [("PNG", (4096, 3072)), ("JPEG", (640, 480)), ("JPEG", (1000, 700))])
+def test_other_formats_and_photos_too_small_to_draft_decode_whole(fmt, size):
+    """A PNG has no reduced-scale decode; a JPEG whose short side is under twice min_side at half scale is
+    decoded whole (COCO's and Flickr8k's photos all are: their scores cannot move)."""
+    assert load_image(encoded(photo(*size), fmt), min_side=256).size == size
+
+
+def test_the_encoder_drafts_and_sees_the_photo_it_would_see_whole(tiny_model):
+    data = encoded(photo(), "JPEG", quality=90)
+    drafted = tiny_model.encoder.pixels(data)
+    whole = tiny_model.encoder.preprocess(load_image(data))
+    assert drafted.shape == whole.shape and float((drafted - whole).abs().mean()) < 0.02

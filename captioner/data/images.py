@@ -9,6 +9,10 @@ Conversions, documented for users:
 - 16-bit and 32-bit greyscale are rescaled to 8 bits by their full range (floating-point ones must be
   finite); CMYK, YCbCr, greyscale and palette images are converted to RGB. Animated images (GIF,
   WebP) use their first frame.
+- Given ``min_side`` (the encoder's resize), a JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale when its short
+  side still holds twice ``min_side`` pixels that way (Pillow's ``draft``): a phone photo decodes several times
+  faster, and the preprocessing still downsamples (antialiased) from at least twice its size, as from the full
+  photo. Smaller photos (COCO's, Flickr8k's) and other formats decode in full.
 - Images above ``MAX_IMAGE_PIXELS`` are refused from their header, before any pixel is decoded
   (decompression-bomb guard); very thin images are bounded later, by the encoder's aspect-ratio crop.
 - Float arrays must hold values in [0, 1]; integer arrays are scaled by their type's full range.
@@ -35,6 +39,8 @@ MAX_IMAGE_PIXELS = 50_000_000
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 BACKGROUND = (255, 255, 255)
+DRAFTED_FORMATS = ("JPEG", "MPO")  # what libjpeg decodes at a reduced scale
+DRAFT_MARGIN = 2  # the drafted short side holds this many times min_side (chosen in benchmarks/README.md)
 
 
 def describe(source: ImageInput) -> str:
@@ -50,9 +56,12 @@ def describe(source: ImageInput) -> str:
     return f"<{type(source).__name__}>"
 
 
-def load_image(source: ImageInput, formats: tuple[str, ...] | None = None) -> Image.Image:
+def load_image(source: ImageInput, formats: tuple[str, ...] | None = None,
+               min_side: int | None = None) -> Image.Image:
     """Return ``source`` as an upright RGB image, or raise :class:`ImageError`; a file or bytes only of one of
-    Pillow's ``formats`` when given (a server refuses what a photo never is, by name, before decoding it)."""
+    Pillow's ``formats`` when given (a server refuses what a photo never is, by name, before decoding it). With
+    ``min_side``, a large JPEG may come back smaller, its short side at least twice ``min_side`` (see the module's
+    docstring)."""
     name = describe(source)
     if isinstance(source, Image.Image):
         return _to_rgb(source, name)
@@ -61,11 +70,11 @@ def load_image(source: ImageInput, formats: tuple[str, ...] | None = None) -> Im
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise ImageError(f"{name}: empty input (0 bytes)")
-        return _decode(io.BytesIO(bytes(source)), name, formats)
+        return _decode(io.BytesIO(bytes(source)), name, formats, min_side)
     if isinstance(source, (str, os.PathLike)):
         try:
             with open(_image_file(source, name), "rb") as handle:
-                return _decode(handle, name, formats)
+                return _decode(handle, name, formats, min_side)
         except OSError as exc:  # permissions, a name too long, an I/O error: the reason, not a traceback
             raise ImageError(f"{name}: cannot read ({exc.strerror or exc})") from None
     raise ImageError(f"{name}: unsupported image input; give a path, bytes, a PIL image or a numpy array")
@@ -82,7 +91,7 @@ def _image_file(source: str | os.PathLike, name: str) -> Path:
     return path
 
 
-def _decode(stream, name: str, formats: tuple[str, ...] | None = None) -> Image.Image:
+def _decode(stream, name: str, formats: tuple[str, ...] | None = None, min_side: int | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -100,6 +109,11 @@ def _decode(stream, name: str, formats: tuple[str, ...] | None = None) -> Image.
         _check_size(image.width, image.height, name)
         try:
             image.seek(0)  # first frame of an animation
+            if min_side is not None and image.format in DRAFTED_FORMATS:
+                # libjpeg's scale s is the largest of 8, 4, 2, 1 with s <= short side // wanted, so the drafted
+                # short side is still >= wanted; the orientation turns after, which keeps the short side short.
+                wanted = min_side * DRAFT_MARGIN
+                image.draft(None, (wanted, wanted))
             image.load()
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise ImageError(f"{name}: truncated or corrupt image data ({exc})") from None

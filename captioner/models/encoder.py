@@ -96,7 +96,7 @@ class Encoder(nn.Module):
         ``view`` is one of :data:`VIEWS`: the centre crop (inference) or a crop or mirror for augmentation.
         """
         transform = self.preprocess if view == "center" else self.config.preprocessing.view_transform(view)
-        return transform(load_image(image))
+        return transform(load_image(image, min_side=self.config.preprocessing.resize_size))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.backbone(pixels)

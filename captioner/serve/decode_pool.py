@@ -45,7 +45,8 @@ def _serve_decodes(conn: Connection, transform: Any, memory_bytes: int) -> None:
         except EOFError:
             return
         try:
-            conn.send(("ok", transform(load_image(data, PHOTO_FORMATS)).numpy()))
+            image = load_image(data, PHOTO_FORMATS, min_side=transform.preprocessing.resize_size)
+            conn.send(("ok", transform(image).numpy()))
         except ImageError as exc:
             conn.send(("error", str(exc)))
         except MemoryError:

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from torchvision import models
 
 from captioner.models import weights
+from captioner.models.config import BACKBONE_NAMES
 from captioner.models.weights import BACKBONES, build_classifier, resolve_weights
 from captioner.models.encoder import Encoder
 from captioner.models.preprocessing import Preprocessing
@@ -20,6 +21,7 @@ from conftest import need
 
 def test_registry_has_resnets_and_mobilenet():
     assert set(BACKBONES) == {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2"}
+    assert tuple(BACKBONES) == BACKBONE_NAMES  # the torch-free names that --encoder and config files are checked by
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])

@@ -55,6 +55,23 @@ def test_init_from_an_ensemble_starts_from_the_chosen_member(ensemble_dir, small
                                                        init_member=m), []).decoder.output.weight for m in (1, 2)))
 
 
+def test_fresh_decoder_trains_a_new_member_on_the_checkpoints_vocabulary(ensemble_dir, small_set, tmp_path):
+    ensemble = Captioner.from_pretrained(ensemble_dir, device="cpu", engine="torch")
+    model = initial_model(config_from(small_set, tmp_path, init_from=str(ensemble_dir), fresh_decoder=True), [])
+    assert model.vocab.words == ensemble.vocab.words
+    for member in ensemble.decoder.decoders():
+        assert not torch.equal(model.decoder.output.weight, member.output.weight)
+    grown = Captioner.ensemble([ensemble, model])  # what `captioner export` builds from the three members
+    assert len(grown.decoder.decoders()) == 3
+
+
+@pytest.mark.parametrize("overrides", [dict(fresh_decoder=True, init_from=""),
+                                       dict(fresh_decoder=True, init_member=1)])
+def test_fresh_decoder_needs_init_from_without_a_member(ensemble_dir, small_set, tmp_path, overrides):
+    with pytest.raises(ConfigError, match="--fresh-decoder takes --init-from's vocabulary and encoder only"):
+        config_from(small_set, tmp_path, **{"init_from": str(ensemble_dir), **overrides}).validate()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(init_member=0), "is an ensemble of 2 decoders; pick one, 1 to 2"),
     (dict(init_member=3), "is an ensemble of 2 decoders; pick one, 1 to 2"),

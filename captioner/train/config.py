@@ -128,6 +128,8 @@ class TrainConfig:
                                 "fine-tune the CNN under a trained decoder")
     init_member: int = option(0, "with --init-from an ensemble: the member (1, 2, ...) to start from",
                               range=(0, 1000))
+    fresh_decoder: bool = option(False, "with --init-from: keep its vocabulary and encoder but start a new random "
+                                        "decoder, to train another member for its ensemble")
     scst_epochs: int = option(0, "self-critical sequence training epochs after cross-entropy (0 = off)", range=(0, 10000))
     scst_lr: float = option(2e-5, "learning rate during SCST", range=(0, 1), open="low")
     scst_samples: int = option(5, "sampled captions per image during SCST", range=(1, 64))
@@ -171,6 +173,9 @@ class TrainConfig:
             raise ConfigError("the mean SCST baseline needs scst_samples of 2 or more")
         if self.init_member and not self.init_from:
             raise ConfigError("--init-member picks a member of the --init-from ensemble; give --init-from too")
+        if self.fresh_decoder and (self.init_member or not self.init_from):
+            raise ConfigError("--fresh-decoder takes --init-from's vocabulary and encoder only; give --init-from "
+                              "without --init-member")
         if self.finetune_encoder and self.scst_epochs:
             raise ConfigError("--scst-epochs works from cached features; it cannot be combined with --finetune-encoder")
 

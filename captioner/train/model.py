@@ -27,15 +27,21 @@ log = logging.getLogger(__name__)
 def initial_model(config: TrainConfig, records: list[ImageCaptions]) -> Captioner:
     """The model a new run starts from: a vocabulary of ``records``' captions, the pretrained CNN and a random
     decoder; or, with ``init_from``, that checkpoint's vocabulary, encoder (unless ``encoder_weights``) and
-    decoder (``init_member`` of an ensemble), with this run's dropout. The decoder's shape must be the options'."""
+    decoder (``init_member`` of an ensemble), with this run's dropout; with ``fresh_decoder``, a random decoder on that
+    vocabulary and encoder instead (a new member for the ensemble). The decoder's shape must be the options'."""
     if not config.init_from:
         vocab = vocabulary(records, config.min_word_count)
         encoder = Encoder.pretrained(config.encoder, config.encoder_weights or None)
-        decoder = Decoder(DecoderConfig(encoder.config.feature_size, len(vocab), config.embed_size, config.hidden_size,
-                                        config.num_layers, config.dropout, config.input_dropout))
-        return Captioner(encoder, decoder, vocab, config.generation())
+        return Captioner(encoder, new_decoder(config, encoder, len(vocab)), vocab, config.generation())
     start = Captioner.from_pretrained(config.init_from, device="cpu", engine="torch",
                                       encoder_weights=config.encoder_weights or None)
+    if start.encoder.config.name != config.encoder:
+        raise ConfigError(f"--init-from {config.init_from} has encoder {start.encoder.config.name}, this run asks "
+                          f"for {config.encoder}")
+    if config.fresh_decoder:
+        log.info("a new decoder on %s's vocabulary and encoder", config.init_from)
+        return Captioner(start.encoder, new_decoder(config, start.encoder, len(start.vocab)), start.vocab,
+                         config.generation())
     members = start.decoder.decoders()
     if len(members) > 1 and not 1 <= config.init_member <= len(members):
         raise ConfigError(f"--init-member {config.init_member}: {config.init_from} is an ensemble of {len(members)} "
@@ -43,9 +49,6 @@ def initial_model(config: TrainConfig, records: list[ImageCaptions]) -> Captione
     if len(members) == 1 and config.init_member > 1:
         raise ConfigError(f"--init-member {config.init_member}: {config.init_from} has one decoder")
     member = members[max(1, config.init_member) - 1]
-    if start.encoder.config.name != config.encoder:
-        raise ConfigError(f"--init-from {config.init_from} has encoder {start.encoder.config.name}, this run asks "
-                          f"for {config.encoder}")
     for name in ("embed_size", "hidden_size", "num_layers"):
         if getattr(member.config, name) != getattr(config, name):
             raise ConfigError(f"--init-from {config.init_from} has {name} {getattr(member.config, name)}, this run "
@@ -55,6 +58,12 @@ def initial_model(config: TrainConfig, records: list[ImageCaptions]) -> Captione
     log.info("starting from %s%s (its vocabulary; min_word_count is not used)", config.init_from,
              f", member {config.init_member}" if len(members) > 1 else "")
     return Captioner(start.encoder, decoder, start.vocab, config.generation())
+
+
+def new_decoder(config: TrainConfig, encoder: Encoder, vocab_size: int) -> Decoder:
+    """A randomly initialised decoder of the options' shape for ``encoder``'s features."""
+    return Decoder(DecoderConfig(encoder.config.feature_size, vocab_size, config.embed_size, config.hidden_size,
+                                 config.num_layers, config.dropout, config.input_dropout))
 
 
 def start_model(config: TrainConfig, records: list[ImageCaptions], device: torch.device,

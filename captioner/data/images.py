@@ -8,13 +8,17 @@ Conversions, documented for users:
 - Transparency (RGBA, LA, palette with transparency) is flattened onto a white background.
 - 16-bit and 32-bit greyscale are rescaled to 8 bits by their full range (floating-point ones must be
   finite); CMYK, YCbCr, greyscale and palette images are converted to RGB. Animated images (GIF,
-  WebP) use their first frame.
+  WebP, AVIF, HEIF sequences) use their first frame.
+- Phones' HEIC/HEIF photos are decoded by libheif (pillow-heif's Pillow plugin, registered when this module is
+  imported), which turns them upright itself and resets their EXIF orientation; AVIF is Pillow's own. Both go
+  through the same checks as any other format.
 - Given ``min_side`` (the encoder's resize), a JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale when its short
   side still holds twice ``min_side`` pixels that way (Pillow's ``draft``): a phone photo decodes several times
   faster, and the preprocessing still downsamples (antialiased) from at least twice its size, as from the full
   photo. Smaller photos (COCO's, Flickr8k's) and other formats decode in full.
 - Images above ``MAX_IMAGE_PIXELS`` are refused from their header, before any pixel is decoded
-  (decompression-bomb guard); very thin images are bounded later, by the encoder's aspect-ratio crop.
+  (decompression-bomb guard; a HEIF also by the size it stores: tiles, or a crop's whole); very thin images are
+  bounded later, by the encoder's aspect-ratio crop.
 - Float arrays must hold values in [0, 1]; integer arrays are scaled by their type's full range.
 - Unreadable files (missing, no permission, a name too long, corrupt) raise :class:`ImageError`.
 """
@@ -28,16 +32,23 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError
+
+# HEIF/HEIC, what phones (iPhones' default) save photos as: Pillow opens them once this plugin is registered, in
+# every process that imports this module (the API, the CLI, bulk loader workers, the server's decode workers and
+# Gradio's own conversions). Once, here: the import costs milliseconds and no package import loads this module.
+pillow_heif.register_heif_opener()
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
 
 MAX_IMAGE_PIXELS = 50_000_000
 """Largest accepted width x height (about 8660 x 5773): larger headers are refused unread."""
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".hif",
+                    ".avif")
 BACKGROUND = (255, 255, 255)
 DRAFTED_FORMATS = ("JPEG", "MPO")  # what libjpeg decodes at a reduced scale
 DRAFT_MARGIN = 2  # the drafted short side holds this many times min_side (chosen in benchmarks/README.md)
@@ -102,11 +113,12 @@ def _decode(stream, name: str, formats: tuple[str, ...] | None = None, min_side:
         raise ImageError(f"{name}: image dimensions are above the limit of {MAX_IMAGE_PIXELS:,} pixels "
                          "(possible decompression bomb)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # Pillow's plugins raise all of these
-        raise ImageError(f"{name}: truncated or corrupt image data ({exc})") from None
+        raise ImageError(f"{name}: truncated or corrupt image data ({_one_line(exc)})") from None
     with image:
         if formats is not None and image.format not in formats:
             raise ImageError(f"{name}: {image.format} images are not accepted here (only {', '.join(formats)})")
         _check_size(image.width, image.height, name)
+        _check_stored_size(image, name)
         try:
             image.seek(0)  # first frame of an animation
             if min_side is not None and image.format in DRAFTED_FORMATS:
@@ -116,8 +128,13 @@ def _decode(stream, name: str, formats: tuple[str, ...] | None = None, min_side:
                 image.draft(None, (wanted, wanted))
             image.load()
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ImageError(f"{name}: truncated or corrupt image data ({exc})") from None
+            raise ImageError(f"{name}: truncated or corrupt image data ({_one_line(exc)})") from None
         return _to_rgb(image, name)
+
+
+def _one_line(exc: BaseException) -> str:
+    """A decoder's reason on one line: libheif's end with a newline."""
+    return " ".join(str(exc).split())
 
 
 def _check_size(width: int, height: int, name: str) -> None:
@@ -128,6 +145,26 @@ def _check_size(width: int, height: int, name: str) -> None:
             f"{name}: image is {width}x{height} pixels, above the limit of {MAX_IMAGE_PIXELS:,} pixels "
             "(possible decompression bomb)"
         )
+
+
+def _check_stored_size(image: Image.Image, name: str) -> None:
+    """A HEIF shows its header's size after a crop (``clap``) of what it stores, and may store it as a grid of tiles
+    larger than that: the pixel bound holds for what libheif would decode, which the shown size could hide."""
+    if image.format != "HEIF":
+        return
+    stored = [image.size]
+    if tiling := image.info.get("tiling"):
+        stored.append((tiling["num_columns"] * tiling["tile_width"], tiling["num_rows"] * tiling["tile_height"]))
+    heif = getattr(image, "_heif_file", None)  # pillow-heif's own objects: the crop's size is not public
+    frame = heif[image.tell()] if heif is not None else None
+    for transform in getattr(getattr(frame, "_c_image", None), "transformations", ()):
+        if transform[0] == "clap":  # ("clap", left, top, right, bottom, stored width, stored height)
+            stored.append((transform[5], transform[6]))
+    width, height = max(stored, key=lambda size: size[0] * size[1])
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{name}: image is stored as {width}x{height} pixels (tiles or a crop around its "
+                         f"{image.width}x{image.height}), above the limit of {MAX_IMAGE_PIXELS:,} pixels "
+                         "(possible decompression bomb)")
 
 
 def _to_rgb(image: Image.Image, name: str) -> Image.Image:

@@ -24,13 +24,16 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
+import pillow_heif
 import torch
+from PIL import AvifImagePlugin
 
 from ..data.images import load_image
 from ..errors import ImageError
 from .limits import ServerLimits
 
-PHOTO_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow's names; MPO: phones' JPEGs
+# Pillow's names; MPO: phones' JPEGs; HEIF (HEIC) and AVIF: phones' newer formats
+PHOTO_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF")
 _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(["captioner.models.preprocessing", "captioner.data.images"])
 
@@ -38,7 +41,11 @@ _CONTEXT.set_forkserver_preload(["captioner.models.preprocessing", "captioner.da
 def _serve_decodes(conn: Connection, transform: Any, memory_bytes: int) -> None:
     """A worker's loop: bytes in, ``("ok", pixels)`` or ``("error", reason)`` out, until its pipe closes."""
     resource.setrlimit(resource.RLIMIT_AS, (_address_space() + memory_bytes, resource.RLIM_INFINITY))
+    # One core per decode, as JPEG's and PNG's: libheif and libavif would otherwise start threads of their own
+    # (libavif one per core), so a few uploads at once could take every core from the model.
     torch.set_num_threads(1)
+    pillow_heif.options.DECODE_THREADS = 1
+    AvifImagePlugin.DEFAULT_MAX_THREADS = 1
     while True:
         try:
             data = conn.recv_bytes()
